@@ -1,0 +1,315 @@
+//! Backends and pools as the data path sees them, and the three selection algorithms.
+//!
+//! A [`Pool`] is part of an immutable snapshot: its backend list never changes after it is
+//! built. A [`Backend`] is shared (`Arc`) so that a reload can carry one over into the next
+//! snapshot with its live counters. Selection is pure computation over atomics: no I/O, no
+//! lock, no allocation per pick. Connect retries call [`Pool::pick`] again with the backends
+//! already tried excluded, so every attempt follows the same algorithm.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use prometheus::IntCounter;
+
+use crate::config::{Balance, BackendConfig, PoolConfig};
+use crate::metrics::{BackendMetrics, Metrics};
+
+// === Backend ===
+
+/// One apiserver, with the counters the balancer and the metrics read.
+#[derive(Debug)]
+pub struct Backend {
+    /// Display name.
+    pub name: String,
+    /// The address as configured (`host:port` or `IP:port`).
+    pub address: String,
+    /// Where connections go.
+    pub addr: SocketAddr,
+    /// Relative share of new connections.
+    pub weight: u32,
+    /// Metric handles; `metrics.active` is also the least-conn load figure, so the count of
+    /// open connections exists exactly once.
+    pub metrics: BackendMetrics,
+}
+
+impl Backend {
+    /// Builds a backend with its metric handles resolved.
+    pub fn new(pool: &str, cfg: &BackendConfig, metrics: &Metrics) -> Self {
+        Self {
+            name: cfg.name.clone(),
+            address: cfg.address.clone(),
+            addr: cfg.addr,
+            weight: cfg.weight.max(1),
+            metrics: metrics.backend(pool, &cfg.name),
+        }
+    }
+
+    /// Connections open to (or being opened to) this backend.
+    pub fn active(&self) -> u64 {
+        u64::try_from(self.metrics.active.get()).unwrap_or(0)
+    }
+}
+
+/// Counts one connection as active on a backend for as long as it lives, on every exit path.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Backend>);
+
+impl ActiveGuard {
+    /// Marks a new connection to `backend` as active.
+    pub fn new(backend: Arc<Backend>) -> Self {
+        backend.metrics.active.inc();
+        Self(backend)
+    }
+
+    /// The backend this guard counts against.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.metrics.active.dec();
+    }
+}
+
+// === Pool ===
+
+/// A pool as one snapshot sees it.
+#[derive(Debug)]
+pub struct Pool {
+    /// The validated settings.
+    pub cfg: Arc<PoolConfig>,
+    /// Backends in configuration order.
+    pub backends: Vec<Arc<Backend>>,
+    /// Round-robin position; also rotates least-conn tie-breaks.
+    cursor: AtomicUsize,
+    /// Sum of weights, for weighted round-robin.
+    total_weight: usize,
+    /// Counted when a connection is routed while no backend is healthy.
+    pub fail_open: IntCounter,
+}
+
+impl Pool {
+    /// Builds a pool from its config, reusing `existing` backends by address so that live
+    /// counters survive a reload.
+    pub fn new(cfg: Arc<PoolConfig>, metrics: &Metrics, existing: &[Arc<Backend>]) -> Self {
+        let backends: Vec<Arc<Backend>> = cfg
+            .backends
+            .iter()
+            .map(|b| {
+                existing
+                    .iter()
+                    .find(|e| e.addr == b.addr && e.name == b.name && e.weight == b.weight)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Backend::new(&cfg.name, b, metrics)))
+            })
+            .collect();
+        let total_weight = backends.iter().map(|b| b.weight as usize).sum();
+        Self {
+            fail_open: metrics.pool_fail_open(&cfg.name),
+            cfg,
+            backends,
+            cursor: AtomicUsize::new(0),
+            total_weight,
+        }
+    }
+
+    /// Picks a backend for a new connection, skipping the indexes in `tried`.
+    ///
+    /// Returns the index into [`Pool::backends`], or `None` when every backend was tried.
+    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let ok = |i: usize| !tried.contains(&i);
+        match self.cfg.balance {
+            Balance::LeastConn => self.least_conn(ok),
+            Balance::RoundRobin => self.round_robin(ok),
+            Balance::RandomTwo => self.random_two(ok),
+        }
+    }
+
+    fn least_conn(&self, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.backends.len();
+        if n == 0 {
+            return None;
+        }
+        // Starting the scan at a rotating offset and keeping the first strict minimum breaks
+        // ties round-robin without a second pass.
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<(usize, u128)> = None;
+        let mut best_weight = 1u128;
+        for k in 0..n {
+            let i = (start.wrapping_add(k)) % n;
+            if !ok(i) {
+                continue;
+            }
+            let b = &self.backends[i];
+            let load = u128::from(b.active());
+            let w = u128::from(b.weight);
+            // load_i / w_i < load_best / w_best, without division.
+            let better = match best {
+                None => true,
+                Some((_, best_load)) => load * best_weight < best_load * w,
+            };
+            if better {
+                best = Some((i, load));
+                best_weight = w;
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    fn round_robin(&self, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.backends.len();
+        if n == 0 || self.total_weight == 0 {
+            return None;
+        }
+        // Weighted: the cursor walks slots, a backend owning `weight` consecutive slots.
+        let mut slot = self.cursor.fetch_add(1, Ordering::Relaxed) % self.total_weight;
+        let mut first = 0;
+        for (i, b) in self.backends.iter().enumerate() {
+            let w = b.weight as usize;
+            if slot < w {
+                first = i;
+                break;
+            }
+            slot -= w;
+        }
+        (0..n).map(|k| (first + k) % n).find(|&i| ok(i))
+    }
+
+    fn random_two(&self, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.backends.len();
+        let eligible = (0..n).filter(|&i| ok(i)).count();
+        let nth = |k: usize| (0..n).filter(|&i| ok(i)).nth(k);
+        match eligible {
+            0 => None,
+            1 => nth(0),
+            m => {
+                let a = rand::random_range(0..m);
+                // A second, different pick: draw from the m-1 others.
+                let mut b = rand::random_range(0..m - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ia, ib) = (nth(a)?, nth(b)?);
+                let (ba, bb) = (&self.backends[ia], &self.backends[ib]);
+                let la = u128::from(ba.active()) * u128::from(bb.weight);
+                let lb = u128::from(bb.active()) * u128::from(ba.weight);
+                Some(if lb < la { ib } else { ia })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WhenAllDown;
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    fn pool(balance: Balance, weights: &[u32]) -> Pool {
+        let cfg = PoolConfig {
+            name: "p".into(),
+            balance,
+            connect_timeout: Duration::from_secs(1),
+            connect_attempts: NonZeroU32::MIN,
+            when_all_down: WhenAllDown::FailOpen,
+            drain_timeout: Duration::from_secs(1),
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| BackendConfig {
+                    name: format!("b{i}"),
+                    address: format!("127.0.0.1:{}", 1000 + i),
+                    addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                    weight: w,
+                })
+                .collect(),
+        };
+        Pool::new(Arc::new(cfg), &Metrics::new(), &[])
+    }
+
+    fn counts(p: &Pool, n: usize) -> Vec<usize> {
+        let mut c = vec![0; p.backends.len()];
+        for _ in 0..n {
+            c[p.pick(&[]).expect("a backend")] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn round_robin_is_exactly_even() {
+        assert_eq!(counts(&pool(Balance::RoundRobin, &[1, 1, 1]), 300), [100, 100, 100]);
+    }
+
+    #[test]
+    fn round_robin_follows_weights() {
+        assert_eq!(counts(&pool(Balance::RoundRobin, &[1, 2, 3]), 600), [100, 200, 300]);
+    }
+
+    #[test]
+    fn least_conn_prefers_the_least_loaded_per_weight() {
+        let p = pool(Balance::LeastConn, &[1, 1, 2]);
+        let _a = ActiveGuard::new(p.backends[0].clone());
+        let _b = ActiveGuard::new(p.backends[2].clone());
+        // b1 has 0 active: it wins.
+        assert_eq!(p.pick(&[]), Some(1));
+        let _c = ActiveGuard::new(p.backends[1].clone());
+        // Now 1/1, 1/1, 1/2: b2 has the lowest load per weight.
+        assert_eq!(p.pick(&[]), Some(2));
+    }
+
+    #[test]
+    fn least_conn_breaks_ties_in_turn() {
+        let p = pool(Balance::LeastConn, &[1, 1, 1]);
+        assert_eq!(counts(&p, 300), [100, 100, 100]);
+    }
+
+    #[test]
+    fn least_conn_with_held_connections_stays_balanced() {
+        let p = pool(Balance::LeastConn, &[1, 1, 1]);
+        let guards: Vec<ActiveGuard> = (0..300)
+            .map(|_| ActiveGuard::new(p.backends[p.pick(&[]).expect("pick")].clone()))
+            .collect();
+        assert_eq!(guards.len(), 300);
+        for b in &p.backends {
+            assert_eq!(b.active(), 100);
+        }
+    }
+
+    #[test]
+    fn random_two_picks_the_less_loaded_of_two() {
+        let p = pool(Balance::RandomTwo, &[1, 1]);
+        let _held: Vec<ActiveGuard> = (0..5).map(|_| ActiveGuard::new(p.backends[0].clone())).collect();
+        // With two backends both are always drawn, so the idle one always wins.
+        for _ in 0..50 {
+            assert_eq!(p.pick(&[]), Some(1));
+        }
+    }
+
+    #[test]
+    fn every_algorithm_skips_tried_backends_and_ends() {
+        for balance in [Balance::LeastConn, Balance::RoundRobin, Balance::RandomTwo] {
+            let p = pool(balance, &[1, 1, 1]);
+            let mut tried = Vec::new();
+            while let Some(i) = p.pick(&tried) {
+                assert!(!tried.contains(&i), "{balance:?} returned a tried backend");
+                tried.push(i);
+            }
+            tried.sort_unstable();
+            assert_eq!(tried, [0, 1, 2], "{balance:?}");
+        }
+    }
+
+    #[test]
+    fn reload_keeps_unchanged_backends() {
+        let metrics = Metrics::new();
+        let p1 = pool(Balance::LeastConn, &[1, 1]);
+        let _g = ActiveGuard::new(p1.backends[0].clone());
+        let p2 = Pool::new(p1.cfg.clone(), &metrics, &p1.backends);
+        assert!(Arc::ptr_eq(&p1.backends[0], &p2.backends[0]));
+        assert_eq!(p2.backends[0].active(), 1);
+    }
+}

@@ -1,0 +1,719 @@
+//! The configuration file: parsing, validation and the typed result.
+//!
+//! Two layers, as in SPEC §2. `File*` structs mirror the TOML exactly (strings with spans,
+//! `Option`s, `deny_unknown_fields`); [`load`] turns them into a [`Config`] of typed values
+//! (`SocketAddr`, `Duration`, `NonZeroU32`) or into a list of [`ConfigError`]s, each naming
+//! the file, the line and the key. `apilb check`, `apilb run` and (later) reload all go
+//! through [`load`], so what `check` accepts is exactly what `run` runs. Nothing here binds a
+//! socket or starts a task; resolving backend host names is the only I/O besides reading the
+//! file.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+// === Defaults (SPEC §2), in one place ===
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+const DEFAULT_MAX_CONNECTIONS: u32 = 50_000;
+const DEFAULT_WEIGHT: u32 = 1;
+/// Weights are small integers so that least-conn can compare `active * weight` products
+/// without overflow and so that a typo like `weight = 1000000` is caught.
+const MAX_WEIGHT: u32 = 256;
+
+// === Errors ===
+
+/// One problem found in a configuration file, located as precisely as the file allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// Dotted path of the key, such as `pool[0].connect_timeout` (empty for syntax errors).
+    pub key: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Everything wrong with one configuration file; never empty.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+// === Typed configuration ===
+
+/// A validated configuration, ready to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from, for messages and (later) for watching.
+    pub source: PathBuf,
+    /// The admin listener, when configured.
+    pub admin: Option<AdminConfig>,
+    /// Pools in file order; names are unique.
+    pub pools: Vec<Arc<PoolConfig>>,
+    /// Listeners in file order; names and addresses are unique.
+    pub listeners: Vec<ListenerConfig>,
+}
+
+impl Config {
+    /// The pool a listener refers to; validation guarantees it exists.
+    pub fn pool(&self, name: &str) -> Option<&Arc<PoolConfig>> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// `[admin]`: where the admin endpoints are served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP server; never shared with a traffic listener.
+    pub listen: SocketAddr,
+}
+
+/// How a pool orders its backends for a new connection (SPEC §3, Backend choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Fewest active connections per unit of weight, ties broken round-robin.
+    LeastConn,
+    /// Each backend in turn, in proportion to its weight.
+    RoundRobin,
+    /// The less loaded of two random picks.
+    RandomTwo,
+}
+
+impl Balance {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LeastConn => "least-conn",
+            Self::RoundRobin => "round-robin",
+            Self::RandomTwo => "random-two",
+        }
+    }
+}
+
+/// What a pool does when none of its backends is healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenAllDown {
+    /// Route among all backends as if they were healthy.
+    FailOpen,
+    /// Close the client connection.
+    Reject,
+}
+
+/// `[[pool]]`: a named set of backends and how to reach them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Unique name, used by listeners and in metrics.
+    pub name: String,
+    /// Selection algorithm.
+    pub balance: Balance,
+    /// Time allowed for one TCP connect to a backend.
+    pub connect_timeout: Duration,
+    /// Distinct backends tried for one client before giving up.
+    pub connect_attempts: NonZeroU32,
+    /// Behaviour when no backend is healthy.
+    pub when_all_down: WhenAllDown,
+    /// How long connections may outlive their backend's removal, and the shutdown drain.
+    pub drain_timeout: Duration,
+    /// Backends in file order; addresses are unique within the pool.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// `[[pool.backend]]`: one apiserver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Display name (defaults to the address as written).
+    pub name: String,
+    /// The address as written in the file (`host:port` or `IP:port`).
+    pub address: String,
+    /// The resolved address connections go to.
+    pub addr: SocketAddr,
+    /// Relative share of new connections (1 to 256).
+    pub weight: u32,
+}
+
+/// How a listener treats the bytes it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Bytes relayed untouched; TLS is between client and apiserver.
+    Passthrough,
+}
+
+impl Mode {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// `[[listener]]`: addresses that accept client connections for one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// One or more addresses (IPv4 and IPv6); port 0 binds an ephemeral port.
+    pub listen: Vec<SocketAddr>,
+    /// What the listener does with the bytes.
+    pub mode: Mode,
+    /// Name of the pool connections go to.
+    pub pool: String,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections beyond this many are accepted and closed at once.
+    pub max_connections: u32,
+}
+
+// === File layer ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    admin: Option<Spanned<FileAdmin>>,
+    #[serde(default)]
+    pool: Vec<Spanned<FilePool>>,
+    #[serde(default)]
+    listener: Vec<Spanned<FileListener>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePool {
+    name: Spanned<String>,
+    balance: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    connect_attempts: Option<Spanned<i64>>,
+    when_all_down: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    backend: Vec<Spanned<FileBackend>>,
+    // Keys of features that are specified but not built yet: accepted by the parser only so
+    // that the error can say "not supported yet" instead of "unknown field".
+    slow_start: Option<Spanned<toml::Value>>,
+    health: Option<Spanned<toml::Value>>,
+    tls: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    address: Spanned<String>,
+    name: Option<Spanned<String>>,
+    weight: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    name: Spanned<String>,
+    listen: Spanned<OneOrMany>,
+    mode: Option<Spanned<String>>,
+    pool: Spanned<String>,
+    idle_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
+    tls: Option<Spanned<toml::Value>>,
+}
+
+// === Loading ===
+
+/// Reads, parses and validates a configuration file.
+///
+/// # Errors
+/// Every problem found, each with file, line and key; an unreadable file is one error.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            key: String::new(),
+            message: format!("cannot read config file: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates configuration text; `path` is only used in messages.
+///
+/// # Errors
+/// Every problem found, each with file, line and key.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut v = Validator {
+        file: path,
+        text,
+        errors: Vec::new(),
+    };
+    let file: FileConfig = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let (line, column) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_col(text, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            return Err(ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line,
+                column,
+                key: String::new(),
+                message: e.message().trim().to_string(),
+            }]));
+        }
+    };
+    let config = v.config(file);
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    (line, col)
+}
+
+/// Collects every error instead of stopping at the first, so one `check` run lists all of them.
+struct Validator<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line: Some(line),
+            column: Some(column),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, v: Option<&Spanned<String>>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.get_ref().trim()) {
+            Ok(d) if d.is_zero() => {
+                self.error(v.span(), key, "expected a duration above zero");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.error(
+                    v.span(),
+                    key,
+                    format!(
+                        "invalid duration {:?} ({e}): expected a number with a unit, like \"500ms\", \"2s\" or \"1h\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn int_in(
+        &mut self,
+        v: Option<&Spanned<i64>>,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+        default: u32,
+    ) -> u32 {
+        let Some(v) = v else { return default };
+        let n = *v.get_ref();
+        if range.contains(&n) {
+            u32::try_from(n).unwrap_or(default)
+        } else {
+            self.error(
+                v.span(),
+                key,
+                format!(
+                    "{n} is out of range: expected {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+            default
+        }
+    }
+
+    fn not_yet(&mut self, v: Option<&Spanned<toml::Value>>, key: &str, what: &str) {
+        if let Some(v) = v {
+            self.error(
+                v.span(),
+                key,
+                format!("{what} is not supported yet in this version of apilb"),
+            );
+        }
+    }
+
+    fn listen_addr(&mut self, s: &str, span: Range<usize>, key: &str) -> Option<SocketAddr> {
+        match s.trim().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let hint = port_hint(s).unwrap_or(
+                    "expected IP:port, like \"0.0.0.0:6443\" or \"[::]:6443\" (host names are not allowed here)",
+                );
+                self.error(span, key, format!("invalid listen address {s:?}: {hint}"));
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, file: FileConfig) -> Config {
+        let admin = file.admin.and_then(|a| {
+            let a = a.into_inner();
+            self.listen_addr(a.listen.get_ref(), a.listen.span(), "admin.listen")
+                .map(|listen| AdminConfig { listen })
+        });
+
+        let mut pools = Vec::new();
+        let mut pool_names: HashMap<String, usize> = HashMap::new();
+        for (i, p) in file.pool.into_iter().enumerate() {
+            let pool = self.pool(i, p.into_inner());
+            if let Some(pool) = pool {
+                if pool_names.insert(pool.0.name.clone(), i).is_some() {
+                    self.error(
+                        pool.1.clone(),
+                        format!("pool[{i}].name"),
+                        format!(
+                            "duplicate pool name {:?}: pool names must be unique",
+                            pool.0.name
+                        ),
+                    );
+                }
+                pools.push(Arc::new(pool.0));
+            }
+        }
+
+        let mut listeners = Vec::new();
+        let mut listener_names = HashSet::new();
+        let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+        if let Some(admin) = &admin {
+            addrs.insert(admin.listen, "admin".to_string());
+        }
+        if file.listener.is_empty() {
+            self.errors.push(ConfigError {
+                file: self.file.to_path_buf(),
+                line: None,
+                column: None,
+                key: "listener".into(),
+                message: "no [[listener]] is configured: expected at least one".into(),
+            });
+        }
+        for (i, l) in file.listener.into_iter().enumerate() {
+            let l = l.into_inner();
+            let name = l.name.get_ref().trim().to_string();
+            if name.is_empty() {
+                self.error(l.name.span(), format!("listener[{i}].name"), "expected a non-empty name");
+            } else if !listener_names.insert(name.clone()) {
+                self.error(
+                    l.name.span(),
+                    format!("listener[{i}].name"),
+                    format!("duplicate listener name {name:?}: listener names must be unique"),
+                );
+            }
+            let key = format!("listener[{i}].listen");
+            let list = match l.listen.get_ref() {
+                OneOrMany::One(s) => vec![s.clone()],
+                OneOrMany::Many(v) => v.clone(),
+            };
+            if list.is_empty() {
+                self.error(l.listen.span(), &key, "expected at least one address");
+            }
+            let mut listen = Vec::new();
+            for s in &list {
+                if let Some(a) = self.listen_addr(s, l.listen.span(), &key) {
+                    // Port 0 means "any free port" and can never collide.
+                    if a.port() != 0 {
+                        if let Some(other) = addrs.insert(a, name.clone()) {
+                            self.error(
+                                l.listen.span(),
+                                &key,
+                                format!("address {a} is already used by {other:?}: every listener (and the admin server) needs its own address"),
+                            );
+                        }
+                    }
+                    listen.push(a);
+                }
+            }
+            let mode = match l.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                None | Some(("passthrough", _)) => Mode::Passthrough,
+                Some(("terminate", span)) => {
+                    self.error(
+                        span,
+                        format!("listener[{i}].mode"),
+                        "mode \"terminate\" is not supported yet in this version of apilb",
+                    );
+                    Mode::Passthrough
+                }
+                Some((other, span)) => {
+                    self.error(
+                        span,
+                        format!("listener[{i}].mode"),
+                        format!("unknown mode {other:?}: expected \"passthrough\" or \"terminate\""),
+                    );
+                    Mode::Passthrough
+                }
+            };
+            self.not_yet(l.tls.as_ref(), &format!("listener[{i}].tls"), "[listener.tls]");
+            let pool = l.pool.get_ref().clone();
+            if !pool_names.contains_key(&pool) {
+                let known: Vec<&str> = pool_names.keys().map(String::as_str).collect();
+                self.error(
+                    l.pool.span(),
+                    format!("listener[{i}].pool"),
+                    format!("unknown pool {pool:?}: expected one of the [[pool]] names {known:?}"),
+                );
+            }
+            let idle_timeout = self.duration(
+                l.idle_timeout.as_ref(),
+                &format!("listener[{i}].idle_timeout"),
+                DEFAULT_IDLE_TIMEOUT,
+            );
+            let max_connections = self.int_in(
+                l.max_connections.as_ref(),
+                &format!("listener[{i}].max_connections"),
+                1..=10_000_000,
+                DEFAULT_MAX_CONNECTIONS,
+            );
+            listeners.push(ListenerConfig {
+                name,
+                listen,
+                mode,
+                pool,
+                idle_timeout,
+                max_connections,
+            });
+        }
+
+        Config {
+            source: self.file.to_path_buf(),
+            admin,
+            pools,
+            listeners,
+        }
+    }
+
+    /// Validates one pool; returns it with the span of its name (for duplicate checks).
+    fn pool(&mut self, i: usize, p: FilePool) -> Option<(PoolConfig, Range<usize>)> {
+        let k = |key: &str| format!("pool[{i}].{key}");
+        let name = p.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            self.error(p.name.span(), k("name"), "expected a non-empty name");
+        }
+        let balance = match p.balance.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+            None | Some(("least-conn", _)) => Balance::LeastConn,
+            Some(("round-robin", _)) => Balance::RoundRobin,
+            Some(("random-two", _)) => Balance::RandomTwo,
+            Some((other, span)) => {
+                self.error(
+                    span,
+                    k("balance"),
+                    format!("unknown balance {other:?}: expected \"least-conn\", \"round-robin\" or \"random-two\""),
+                );
+                Balance::LeastConn
+            }
+        };
+        let when_all_down = match p.when_all_down.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+            None | Some(("fail-open", _)) => WhenAllDown::FailOpen,
+            Some(("reject", _)) => WhenAllDown::Reject,
+            Some((other, span)) => {
+                self.error(
+                    span,
+                    k("when_all_down"),
+                    format!("unknown value {other:?}: expected \"fail-open\" or \"reject\""),
+                );
+                WhenAllDown::FailOpen
+            }
+        };
+        let connect_timeout =
+            self.duration(p.connect_timeout.as_ref(), &k("connect_timeout"), DEFAULT_CONNECT_TIMEOUT);
+        let drain_timeout =
+            self.duration(p.drain_timeout.as_ref(), &k("drain_timeout"), DEFAULT_DRAIN_TIMEOUT);
+        let attempts = self.int_in(
+            p.connect_attempts.as_ref(),
+            &k("connect_attempts"),
+            1..=100,
+            DEFAULT_CONNECT_ATTEMPTS,
+        );
+        let connect_attempts =
+            NonZeroU32::new(attempts).unwrap_or(NonZeroU32::MIN);
+        self.not_yet(p.slow_start.as_ref(), &k("slow_start"), "slow_start");
+        self.not_yet(p.health.as_ref(), &k("health"), "[pool.health]");
+        self.not_yet(p.tls.as_ref(), &k("tls"), "[pool.tls]");
+
+        if p.backend.is_empty() {
+            self.error(
+                p.name.span(),
+                k("backend"),
+                format!("pool {name:?} has no backends: expected at least one [[pool.backend]]"),
+            );
+        }
+        let mut backends = Vec::new();
+        let mut seen_addr = HashSet::new();
+        let mut seen_name = HashSet::new();
+        for (j, b) in p.backend.into_iter().enumerate() {
+            let b = b.into_inner();
+            let bk = |key: &str| format!("pool[{i}].backend[{j}].{key}");
+            let address = b.address.get_ref().trim().to_string();
+            let Some(addr) = self.resolve(&address, b.address.span(), &bk("address")) else {
+                continue;
+            };
+            if !seen_addr.insert(addr) {
+                self.error(
+                    b.address.span(),
+                    bk("address"),
+                    format!("duplicate backend address {address:?} in pool {name:?}"),
+                );
+            }
+            let bname = b
+                .name
+                .as_ref()
+                .map(|n| n.get_ref().trim().to_string())
+                .unwrap_or_else(|| address.clone());
+            if !seen_name.insert(bname.clone()) {
+                let span = b.name.as_ref().map_or(b.address.span(), Spanned::span);
+                self.error(
+                    span,
+                    bk("name"),
+                    format!("duplicate backend name {bname:?} in pool {name:?}"),
+                );
+            }
+            let weight = self.int_in(
+                b.weight.as_ref(),
+                &bk("weight"),
+                1..=i64::from(MAX_WEIGHT),
+                DEFAULT_WEIGHT,
+            );
+            backends.push(BackendConfig {
+                name: bname,
+                address,
+                addr,
+                weight,
+            });
+        }
+        Some((
+            PoolConfig {
+                name,
+                balance,
+                connect_timeout,
+                connect_attempts,
+                when_all_down,
+                drain_timeout,
+                backends,
+            },
+            p.name.span(),
+        ))
+    }
+
+    /// Resolves `IP:port` or `host:port` once, at load (and reload) time.
+    fn resolve(&mut self, s: &str, span: Range<usize>, key: &str) -> Option<SocketAddr> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            if a.port() == 0 {
+                self.error(span, key, format!("invalid backend address {s:?}: port 0 cannot be connected to; expected 1 to 65535"));
+                return None;
+            }
+            return Some(a);
+        }
+        if let Some(hint) = port_hint(s) {
+            self.error(span, key, format!("invalid backend address {s:?}: {hint}"));
+            return None;
+        }
+        match s.to_socket_addrs() {
+            Ok(mut addrs) => match addrs.next() {
+                Some(a) => Some(a),
+                None => {
+                    self.error(span, key, format!("cannot resolve {s:?}: no addresses found"));
+                    None
+                }
+            },
+            Err(e) => {
+                self.error(
+                    span,
+                    key,
+                    format!("cannot resolve {s:?}: {e}; expected IP:port or host:port"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Explains a bad or missing port, the most common address typo.
+fn port_hint(s: &str) -> Option<&'static str> {
+    let Some((_, port)) = s.rsplit_once(':') else {
+        return Some("expected IP:port or host:port (the port is missing)");
+    };
+    match port.parse::<u64>() {
+        Ok(p) if p > 65_535 => Some("port out of range: expected 1 to 65535"),
+        Ok(_) => None,
+        Err(_) => Some("the port is not a number: expected 1 to 65535"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

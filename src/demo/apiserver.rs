@@ -1,0 +1,437 @@
+//! A simulated kube-apiserver: a real TLS server that authenticates like the real one.
+//!
+//! It asks for a client certificate signed by the cluster CA but does not require one (as
+//! kube-apiserver does), also accepts bearer tokens from a fixed list, and serves HTTP/1.1
+//! and HTTP/2 (ALPN) with hyper. `/whoami` reports who the caller is, which is how tests prove
+//! that a passthrough gateway did not terminate TLS: a user from a certificate CN can only
+//! reach the backend if the certificate itself did. `/readyz` can be switched to failing at
+//! run time for health-check tests. It is used by `apilb demo`, the tests and the benchmarks;
+//! it is not a Kubernetes implementation.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::tls;
+
+/// A Kubernetes identity: what the apiserver's authenticators produce.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    /// The user name (certificate CN, or the token's user).
+    pub user: String,
+    /// The groups (certificate O values, or the token's groups).
+    pub groups: Vec<String>,
+}
+
+impl Identity {
+    /// The identity of a caller with no credentials.
+    pub fn anonymous() -> Self {
+        Self {
+            user: "system:anonymous".into(),
+            groups: vec!["system:unauthenticated".into()],
+        }
+    }
+}
+
+/// What `/whoami` answers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WhoAmI {
+    /// The backend's name.
+    pub backend: String,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub http_version: String,
+    /// `x509`, `token` or `anonymous`.
+    pub authenticated_by: String,
+    /// The caller's user name.
+    pub user: String,
+    /// The caller's groups.
+    pub groups: Vec<String>,
+}
+
+/// How to run one simulated apiserver.
+#[derive(Debug, Clone)]
+pub struct ApiServerOptions {
+    /// Reported by `/whoami` and in logs.
+    pub name: String,
+    /// Where to listen (port 0 for an ephemeral port).
+    pub listen: SocketAddr,
+    /// Serving certificate chain, PEM.
+    pub cert_pem: String,
+    /// Serving key, PEM.
+    pub key_pem: String,
+    /// CA bundle that client certificates must chain to, PEM.
+    pub client_ca_pem: String,
+    /// Accepted bearer tokens and who they stand for.
+    pub tokens: Vec<(String, Identity)>,
+    /// Time between events of the watch stream.
+    pub watch_interval: Duration,
+}
+
+/// Failure to start a simulated apiserver.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    /// The TLS material is unusable.
+    #[error("simulated apiserver {name}: {source}")]
+    Tls {
+        /// Which server.
+        name: String,
+        /// What was wrong.
+        #[source]
+        source: tls::TlsError,
+    },
+    /// The listening socket could not be bound.
+    #[error("simulated apiserver {name}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// Which server.
+        name: String,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct Shared {
+    name: String,
+    ready: AtomicBool,
+    requests: AtomicU64,
+    tokens: Vec<(String, Identity)>,
+    watch_interval: Duration,
+}
+
+/// A running simulated apiserver; stops when dropped.
+#[derive(Debug)]
+pub struct ApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+type RespBody = BoxBody<Bytes, Infallible>;
+
+impl ApiServer {
+    /// Binds and starts serving in the background.
+    ///
+    /// # Errors
+    /// Unusable TLS material or a bind failure.
+    pub async fn start(opts: ApiServerOptions) -> Result<Self, ApiServerError> {
+        let tls_err = |source| ApiServerError::Tls {
+            name: opts.name.clone(),
+            source,
+        };
+        let provider = tls::provider();
+        let roots = tls::roots_from_pem(opts.client_ca_pem.as_bytes(), "client CA").map_err(tls_err)?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| tls_err(tls::TlsError::Rustls {
+                what: "client CA".into(),
+                source: rustls::Error::General(e.to_string()),
+            }))?;
+        let chain = tls::certs_from_pem(opts.cert_pem.as_bytes(), "serving certificate").map_err(tls_err)?;
+        let key = tls::key_from_pem(opts.key_pem.as_bytes(), "serving key").map_err(tls_err)?;
+        let rustls_err = |source| tls_err(tls::TlsError::Rustls {
+            what: "serving certificate".into(),
+            source,
+        });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(rustls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(rustls_err)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| ApiServerError::Bind {
+                name: opts.name.clone(),
+                addr: opts.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().unwrap_or(opts.listen);
+        let shared = Arc::new(Shared {
+            name: opts.name,
+            ready: AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            tokens: opts.tokens,
+            watch_interval: opts.watch_interval,
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, acceptor, shared.clone(), stop.clone()));
+        Ok(Self { addr, shared, stop })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The name given at start.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Makes `/readyz` pass (`true`) or fail with 500 (`false`).
+    pub fn set_ready(&self, ready: bool) {
+        self.shared.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// HTTP requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting and closes open connections.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(apiserver = %shared.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = serve_conn(tcp, peer, acceptor, shared) => {}
+            }
+        });
+    }
+}
+
+async fn serve_conn(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(apiserver = %shared.name, client = %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(apiserver = %shared.name, client = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let cert_identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| identity_from_cert(c.as_ref()));
+    let cert_identity = Arc::new(cert_identity);
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let cert_identity = cert_identity.clone();
+        async move { Ok::<_, Infallible>(route(&req, &shared, cert_identity.as_ref().as_ref())) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).await {
+        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// User (CN) and groups (every O) of a client certificate; `None` if it cannot be parsed.
+fn identity_from_cert(der: &[u8]) -> Option<Identity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let user = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())?
+        .to_string();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(str::to_string))
+        .collect();
+    Some(Identity { user, groups })
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<RespBody> {
+    let mut body = value.to_string();
+    body.push('\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<RespBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+fn status_error(code: StatusCode, reason: &str, message: &str) -> Response<RespBody> {
+    json(
+        code,
+        &serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": message, "reason": reason, "code": code.as_u16(),
+        }),
+    )
+}
+
+fn route(req: &Request<Incoming>, shared: &Shared, cert: Option<&Identity>) -> Response<RespBody> {
+    shared.requests.fetch_add(1, Ordering::Relaxed);
+    // Bearer tokens win over certificates, as in kube-apiserver's union authenticator; a
+    // token that is not on the list is a 401, not a fall-back to anonymous.
+    let (identity, by) = match req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        Some(token) => match shared.tokens.iter().find(|(t, _)| t == token.trim()) {
+            Some((_, id)) => (id.clone(), "token"),
+            None => return status_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized"),
+        },
+        None => match cert {
+            Some(id) => (id.clone(), "x509"),
+            None => (Identity::anonymous(), "anonymous"),
+        },
+    };
+    let query = req.uri().query().unwrap_or("");
+    match req.uri().path() {
+        "/version" => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "major": "1", "minor": "32", "gitVersion": "v1.32.0-apilb-sim",
+                "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
+                "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23", "compiler": "gc",
+                "platform": "linux/amd64",
+            }),
+        ),
+        "/healthz" | "/livez" => text(StatusCode::OK, "ok"),
+        "/readyz" => {
+            if shared.ready.load(Ordering::Relaxed) {
+                text(StatusCode::OK, "ok")
+            } else {
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "[-]shutdown failed: reason withheld\nreadyz check failed\n",
+                )
+            }
+        }
+        "/whoami" => json(
+            StatusCode::OK,
+            &serde_json::json!(WhoAmI {
+                backend: shared.name.clone(),
+                http_version: format!("{:?}", req.version()),
+                authenticated_by: by.into(),
+                user: identity.user,
+                groups: identity.groups,
+            }),
+        ),
+        "/api/v1/namespaces/default/pods"
+            if query.split('&').any(|p| p == "watch=1" || p == "watch=true") =>
+        {
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(BodyExt::boxed(WatchBody::new(shared.name.clone(), shared.watch_interval)))
+                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+        }
+        _ => status_error(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"),
+    }
+}
+
+/// An endless stream of watch events, one JSON object per line, until the client leaves.
+struct WatchBody {
+    backend: String,
+    interval: tokio::time::Interval,
+    sent: u64,
+}
+
+impl WatchBody {
+    fn new(backend: String, every: Duration) -> Self {
+        Self {
+            backend,
+            interval: tokio::time::interval(every.max(Duration::from_millis(1))),
+            sent: 0,
+        }
+    }
+}
+
+impl Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        ready!(self.interval.poll_tick(cx));
+        self.sent += 1;
+        let kind = if self.sent == 1 { "ADDED" } else { "MODIFIED" };
+        let event = serde_json::json!({
+            "type": kind,
+            "object": {
+                "kind": "Pod", "apiVersion": "v1",
+                "metadata": {
+                    "name": "demo", "namespace": "default",
+                    "resourceVersion": self.sent.to_string(),
+                    "annotations": {"apilb.demo/backend": self.backend},
+                },
+            },
+        });
+        let mut line = event.to_string();
+        line.push('\n');
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(line)))))
+    }
+}

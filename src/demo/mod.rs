@@ -1,0 +1,238 @@
+//! `apilb demo`: a whole cluster front door on loopback, from nothing but the binary.
+//!
+//! Writes a throwaway PKI ([`pki`]), an admin kubeconfig and the gateway's own `apilb.toml`
+//! to a folder, starts three simulated kube-apiservers ([`apiserver`]) on ephemeral ports,
+//! then loads that `apilb.toml` through the same [`crate::config::load`] path as
+//! `apilb run` and starts the gateway in front of them. What to try is printed to stdout with
+//! literal paths and ports; logs go to stderr.
+
+pub mod apiserver;
+pub mod pki;
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+
+use self::apiserver::{ApiServer, ApiServerOptions, Identity};
+use self::pki::Pki;
+
+/// The bearer token the demo apiservers accept, and who it stands for.
+pub const DEMO_TOKEN: &str = "apilb-demo-token";
+
+/// What `apilb demo` was asked for.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// The gateway's passthrough listener (`--passthrough`).
+    pub passthrough: SocketAddr,
+    /// Keep the PKI, kubeconfig and config here instead of a temp folder (`--dir`).
+    pub dir: Option<PathBuf>,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Generating the PKI failed.
+    #[error("cannot generate the demo PKI: {0}")]
+    Pki(#[from] rcgen::Error),
+    /// Writing the demo files failed.
+    #[error("cannot write the demo files to {dir}: {source}")]
+    Files {
+        /// The folder.
+        dir: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A simulated apiserver did not start.
+    #[error(transparent)]
+    ApiServer(#[from] apiserver::ApiServerError),
+    /// The generated config did not validate (a bug in the demo).
+    #[error("the demo's own config is invalid:\n{0}")]
+    Config(#[from] crate::config::ConfigErrors),
+    /// A gateway address given on the command line cannot be used.
+    #[error("{flag} {addr}: {source}")]
+    Flag {
+        /// The flag that named the address.
+        flag: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why it cannot be bound.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gateway did not start for another reason.
+    #[error(transparent)]
+    Start(#[from] crate::StartError),
+}
+
+/// Runs the demo until `shutdown` completes, printing what to try to stdout.
+///
+/// # Errors
+/// See [`DemoError`]; a taken port names its flag.
+pub async fn run(
+    opts: DemoOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DemoError> {
+    // Kept alive until the end of the demo, so a temp folder is removed only then.
+    let (_temp, dir) = match &opts.dir {
+        Some(d) => (None, d.clone()),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("apilb-demo-")
+                .tempdir()
+                .map_err(|source| DemoError::Files {
+                    dir: std::env::temp_dir(),
+                    source,
+                })?;
+            let d = t.path().to_path_buf();
+            (Some(t), d)
+        }
+    };
+    let files_err = |source| DemoError::Files {
+        dir: dir.clone(),
+        source,
+    };
+
+    let pki = Pki::generate()?;
+    let files = pki.write_to(&dir).map_err(files_err)?;
+
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        servers.push(
+            ApiServer::start(ApiServerOptions {
+                name: format!("apiserver-{i}"),
+                listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                cert_pem: pki.apiserver.cert_pem.clone(),
+                key_pem: pki.apiserver.key_pem.clone(),
+                client_ca_pem: pki.ca.cert_pem.clone(),
+                tokens: vec![(
+                    DEMO_TOKEN.to_string(),
+                    Identity {
+                        user: "demo-user".into(),
+                        groups: vec!["system:authenticated".into()],
+                    },
+                )],
+                watch_interval: Duration::from_secs(1),
+            })
+            .await?,
+        );
+    }
+
+    let config_path = dir.join("apilb.toml");
+    std::fs::write(&config_path, demo_config(opts.passthrough, &servers)).map_err(files_err)?;
+    let cfg = crate::config::load(&config_path)?;
+    let gateway = match crate::Gateway::start(cfg, shutdown).await {
+        Ok(g) => g,
+        Err(crate::StartError::Bind { addr, source, .. }) => {
+            return Err(DemoError::Flag {
+                flag: "--passthrough",
+                addr,
+                source,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let bound = gateway.addr("passthrough").unwrap_or(opts.passthrough);
+
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, kubeconfig_yaml(&url_base(bound), &pki)).map_err(files_err)?;
+    println!("{}", instructions(bound, &servers, &files, &kubeconfig, &config_path));
+
+    let report = gateway.wait().await;
+    tracing::info!(forced = report.forced, "demo stopped");
+    drop(servers);
+    Ok(())
+}
+
+/// The gateway config the demo runs, written out so users can read and reuse it.
+fn demo_config(passthrough: SocketAddr, servers: &[ApiServer]) -> String {
+    let mut s = String::from(
+        "# Written by `apilb demo`: the gateway in front of three simulated apiservers.\n\
+         # Run it yourself with: apilb run --config <this file>\n\n",
+    );
+    s.push_str("[[pool]]\nname = \"apiservers\"\nbalance = \"least-conn\"\nconnect_timeout = \"2s\"\ndrain_timeout = \"5s\"\n");
+    for srv in servers {
+        let _ = write!(
+            s,
+            "\n  [[pool.backend]]\n  name = \"{}\"\n  address = \"{}\"\n",
+            srv.name(),
+            srv.addr()
+        );
+    }
+    let _ = write!(
+        s,
+        "\n[[listener]]\nname = \"passthrough\"\nlisten = \"{passthrough}\"\nmode = \"passthrough\"\npool = \"apiservers\"\nidle_timeout = \"1h\"\n"
+    );
+    s
+}
+
+/// `https://host:port` for an address clients can connect to: a wildcard listen address is
+/// reached through loopback, which the demo certificate covers.
+pub fn url_base(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("https://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// An admin kubeconfig pointing at the gateway, with the CA, certificate and key embedded.
+pub fn kubeconfig_yaml(server: &str, pki: &Pki) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: apilb-demo\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: admin@apilb-demo\n  context:\n    cluster: apilb-demo\n    user: admin\ncurrent-context: admin@apilb-demo\n",
+        ca = b64(&pki.ca.cert_pem),
+        cert = b64(&pki.admin.cert_pem),
+        key = b64(&pki.admin.key_pem),
+    )
+}
+
+fn instructions(
+    gateway: SocketAddr,
+    servers: &[ApiServer],
+    files: &pki::PkiFiles,
+    kubeconfig: &Path,
+    config: &Path,
+) -> String {
+    let url = url_base(gateway);
+    let mut s = String::new();
+    let _ = writeln!(s, "apilb demo is running: three simulated kube-apiservers behind a passthrough gateway.\n");
+    for srv in servers {
+        let _ = writeln!(s, "  {:<14} {}", srv.name(), srv.addr());
+    }
+    let _ = writeln!(s, "  {:<14} {gateway}  (TLS passes through: the apiservers see your client certificate)", "gateway");
+    let _ = writeln!(s, "  {:<14} {}  (CA, admin and node certificates, kubeconfig, apilb.toml)\n", "files", files.dir.display());
+    let _ = writeln!(s, "Try (each answer names the apiserver that served it and who you are):");
+    let _ = writeln!(
+        s,
+        "  curl --cacert {} --cert {} --key {} {url}/whoami",
+        files.ca.display(),
+        files.admin_cert.display(),
+        files.admin_key.display()
+    );
+    let _ = writeln!(
+        s,
+        "  curl --cacert {} --cert {} --key {} {url}/whoami",
+        files.ca.display(),
+        files.node_cert.display(),
+        files.node_key.display()
+    );
+    let _ = writeln!(s, "  curl --cacert {} -H 'Authorization: Bearer {DEMO_TOKEN}' {url}/whoami", files.ca.display());
+    let _ = writeln!(s, "  curl --cacert {} {url}/whoami", files.ca.display());
+    let _ = writeln!(s, "  kubectl --kubeconfig {} get --raw /whoami", kubeconfig.display());
+    let _ = writeln!(s, "  kubectl --kubeconfig {} get --raw /version", kubeconfig.display());
+    let _ = writeln!(
+        s,
+        "  curl -N --cacert {} --cert {} --key {} '{url}/api/v1/namespaces/default/pods?watch=1'",
+        files.ca.display(),
+        files.admin_cert.display(),
+        files.admin_key.display()
+    );
+    let _ = writeln!(s, "\nThe gateway's config is {}. Ctrl-C stops the demo.", config.display());
+    s
+}

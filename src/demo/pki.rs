@@ -1,0 +1,216 @@
+//! A throwaway cluster PKI made with rcgen, for the demo, the tests and the benchmarks.
+//!
+//! It mirrors what kubeadm lays out, reduced to what a gateway in front of apiservers meets:
+//! a cluster CA, an apiserver serving certificate with the SANs clients use (loopback names
+//! and addresses, `kubernetes`, `kubernetes.default.svc`), and client certificates whose CN
+//! and O become the Kubernetes user and groups. Keys are ECDSA P-256. Nothing here is meant
+//! to protect anything: the keys live in memory and in a temp folder.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use time::{Duration, OffsetDateTime};
+
+/// The SANs of the demo apiserver certificate.
+pub const APISERVER_SANS: &[&str] = &[
+    "localhost",
+    "127.0.0.1",
+    "::1",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+];
+
+/// A certificate and its private key, both PEM.
+#[derive(Debug, Clone)]
+pub struct CertKey {
+    /// The certificate (a single PEM block).
+    pub cert_pem: String,
+    /// Its private key (PKCS#8 PEM).
+    pub key_pem: String,
+}
+
+/// A certificate authority that can issue more certificates.
+pub struct Ca {
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    // Back-dated an hour so a clock that is slightly behind still accepts it.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days);
+}
+
+impl Ca {
+    /// A new self-signed CA with the given common name, valid for ten years.
+    ///
+    /// # Errors
+    /// Key generation or signing failed.
+    pub fn new(common_name: &str) -> Result<Self, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut params, 3650);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A serving certificate for `sans` (DNS names or IP addresses), valid for `days`.
+    ///
+    /// # Errors
+    /// Key generation or signing failed, or a SAN is not a valid name.
+    pub fn server(&self, common_name: &str, sans: &[&str], days: i64) -> Result<CertKey, rcgen::Error> {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| (*s).to_string()).collect::<Vec<_>>())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, days);
+        self.sign(&params)
+    }
+
+    /// A client certificate for a Kubernetes user: CN is the user, each O a group.
+    ///
+    /// # Errors
+    /// Key generation or signing failed.
+    pub fn client(&self, user: &str, groups: &[&str]) -> Result<CertKey, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, user);
+        // rcgen keeps one value per attribute type, so only the first group goes in the
+        // subject; every demo identity has exactly one group.
+        if let Some(group) = groups.first() {
+            dn.push(DnType::OrganizationName, *group);
+        }
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, 365);
+        self.sign(&params)
+    }
+
+    fn sign(&self, params: &CertificateParams) -> Result<CertKey, rcgen::Error> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The demo cluster's PKI.
+#[derive(Debug)]
+pub struct Pki {
+    /// The cluster CA (what kubeconfigs and kubelets trust).
+    pub ca: Ca,
+    /// The apiservers' serving certificate, with [`APISERVER_SANS`].
+    pub apiserver: CertKey,
+    /// CN=admin, O=system:masters.
+    pub admin: CertKey,
+    /// CN=system:node:worker0, O=system:nodes.
+    pub node: CertKey,
+}
+
+/// Paths of a PKI written to a folder.
+#[derive(Debug, Clone)]
+pub struct PkiFiles {
+    /// The folder.
+    pub dir: PathBuf,
+    /// `ca.crt`
+    pub ca: PathBuf,
+    /// `apiserver.crt`
+    pub apiserver_cert: PathBuf,
+    /// `apiserver.key`
+    pub apiserver_key: PathBuf,
+    /// `admin.crt`
+    pub admin_cert: PathBuf,
+    /// `admin.key`
+    pub admin_key: PathBuf,
+    /// `node.crt`
+    pub node_cert: PathBuf,
+    /// `node.key`
+    pub node_key: PathBuf,
+}
+
+impl Pki {
+    /// A fresh PKI.
+    ///
+    /// # Errors
+    /// Key generation or signing failed.
+    pub fn generate() -> Result<Self, rcgen::Error> {
+        let ca = Ca::new("apilb-demo-cluster-ca")?;
+        let apiserver = ca.server("kube-apiserver", APISERVER_SANS, 365)?;
+        let admin = ca.client("admin", &["system:masters"])?;
+        let node = ca.client("system:node:worker0", &["system:nodes"])?;
+        Ok(Self {
+            ca,
+            apiserver,
+            admin,
+            node,
+        })
+    }
+
+    /// Writes every certificate and key to `dir` (keys with mode 0600).
+    ///
+    /// # Errors
+    /// The folder or a file could not be written.
+    pub fn write_to(&self, dir: &Path) -> std::io::Result<PkiFiles> {
+        std::fs::create_dir_all(dir)?;
+        let files = PkiFiles {
+            dir: dir.to_path_buf(),
+            ca: dir.join("ca.crt"),
+            apiserver_cert: dir.join("apiserver.crt"),
+            apiserver_key: dir.join("apiserver.key"),
+            admin_cert: dir.join("admin.crt"),
+            admin_key: dir.join("admin.key"),
+            node_cert: dir.join("node.crt"),
+            node_key: dir.join("node.key"),
+        };
+        std::fs::write(&files.ca, &self.ca.cert_pem)?;
+        std::fs::write(&files.apiserver_cert, &self.apiserver.cert_pem)?;
+        write_key(&files.apiserver_key, &self.apiserver.key_pem)?;
+        std::fs::write(&files.admin_cert, &self.admin.cert_pem)?;
+        write_key(&files.admin_key, &self.admin.key_pem)?;
+        std::fs::write(&files.node_cert, &self.node.cert_pem)?;
+        write_key(&files.node_key, &self.node.key_pem)?;
+        Ok(files)
+    }
+}
+
+fn write_key(path: &Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)?.write_all(pem.as_bytes())
+}

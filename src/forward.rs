@@ -1,0 +1,348 @@
+//! One proxied connection, from accepted socket to access-log line.
+//!
+//! [`serve`] runs in its own task: it picks a backend with the listener's pool, connects
+//! (retrying other backends up to `connect_attempts`, each attempt bounded by
+//! `connect_timeout`), relays bytes both ways with [`relay`] until both directions are done,
+//! and writes one log line with the close reason. The snapshot it was handed at accept time
+//! is kept for the whole connection, so a reload only affects new connections.
+//!
+//! [`relay`] is the hot path and the only copy loop in the crate. It is readiness-driven:
+//! while a connection is idle it holds no buffer at all (an idle watch costs two sockets and a
+//! task); a buffer is borrowed from a per-thread pool only once a socket is readable, and
+//! returned as soon as those bytes are written. Nothing in the loop touches metrics, logs or
+//! configuration; byte counts are plain atomics read once at the end.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::{ActiveGuard, Pool};
+use crate::listener::ListenerState;
+
+// === Close reasons ===
+
+/// Why a proxied connection ended: the `end` field of the access log (SPEC §3, Logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client finished first (EOF), and the backend then finished too.
+    ClientClosed,
+    /// The backend finished first (EOF), and the client then finished too.
+    BackendClosed,
+    /// No byte in either direction for `idle_timeout`.
+    IdleTimeout,
+    /// Still open when the drain deadline passed (shutdown, or a removed backend).
+    Drained,
+    /// No backend could be connected to.
+    ConnectFailed,
+    /// A socket error such as a reset.
+    Error,
+}
+
+impl End {
+    /// The name used in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::BackendClosed => "backend_closed",
+            Self::IdleTimeout => "idle_timeout",
+            Self::Drained => "drained",
+            Self::ConnectFailed => "connect_failed",
+            Self::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === Socket options ===
+
+/// Keepalive and user-timeout settings: a peer that vanished under a quiet watch is noticed
+/// within about a minute instead of the kernel's default two hours (SPEC §3).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sets NODELAY, keepalive and TCP_USER_TIMEOUT; a failure is logged and the connection goes
+/// on, since none of these is needed for correctness.
+pub(crate) fn tune_socket(stream: &TcpStream, role: &'static str) {
+    let sock = SockRef::from(stream);
+    if let Err(e) = sock.set_tcp_nodelay(true) {
+        tracing::debug!(role, error = %e, "cannot set TCP_NODELAY");
+    }
+    let ka = TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        tracing::debug!(role, error = %e, "cannot set TCP keepalive");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        tracing::debug!(role, error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
+}
+
+// === One connection ===
+
+/// Serves one accepted client connection to completion.
+pub(crate) async fn serve(
+    client: TcpStream,
+    client_addr: SocketAddr,
+    state: Arc<ListenerState>,
+    drain: CancellationToken,
+) {
+    let started = Instant::now();
+    tune_socket(&client, "client");
+    let pool = &state.pool;
+
+    let connected = tokio::select! {
+        r = connect(pool, client_addr, &state.cfg.name) => r,
+        () = drain.cancelled() => Err(None),
+    };
+    let (backend_stream, guard) = match connected {
+        Ok(c) => c,
+        Err(last_error) => {
+            state.metrics.rejected_no_backend.inc();
+            tracing::info!(
+                target: "apilb::access",
+                listener = %state.cfg.name,
+                client = %client_addr,
+                backend = "-",
+                duration_ms = duration_ms(started),
+                bytes_up = 0u64,
+                bytes_down = 0u64,
+                end = %End::ConnectFailed,
+                error = last_error.as_deref().unwrap_or("shutting down"),
+                "connection closed"
+            );
+            return;
+        }
+    };
+    tune_socket(&backend_stream, "backend");
+    let backend = guard.backend();
+
+    let r = relay(&client, &backend_stream, state.cfg.idle_timeout, &drain).await;
+
+    backend.metrics.bytes_up.inc_by(r.up);
+    backend.metrics.bytes_down.inc_by(r.down);
+    let error = r.error.as_ref().map(ToString::to_string);
+    tracing::info!(
+        target: "apilb::access",
+        listener = %state.cfg.name,
+        client = %client_addr,
+        backend = %backend.name,
+        duration_ms = duration_ms(started),
+        bytes_up = r.up,
+        bytes_down = r.down,
+        end = %r.end,
+        error = error.as_deref(),
+        "connection closed"
+    );
+}
+
+fn duration_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Tries distinct backends in the pool's order until one accepts the TCP connect.
+///
+/// Every failure counts against its backend; the error of the last attempt is returned for
+/// the access log.
+async fn connect(
+    pool: &Pool,
+    client: SocketAddr,
+    listener: &str,
+) -> Result<(TcpStream, ActiveGuard), Option<String>> {
+    let attempts = pool.cfg.connect_attempts.get() as usize;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error = None;
+    while tried.len() < attempts {
+        let Some(i) = pool.pick(&tried) else { break };
+        tried.push(i);
+        let backend = &pool.backends[i];
+        // Counted as active from the pick on, so concurrent picks by least-conn see it.
+        let guard = ActiveGuard::new(backend.clone());
+        let err = match tokio::time::timeout(pool.cfg.connect_timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => {
+                backend.metrics.connections.inc();
+                return Ok((stream, guard));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("timeout after {}", humantime::format_duration(pool.cfg.connect_timeout)),
+        };
+        backend.metrics.connect_errors.inc();
+        let msg = format!("connect to {} ({}): {err}", backend.name, backend.addr);
+        tracing::debug!(listener, client = %client, backend = %backend.name, error = %err, "backend connect failed, trying another");
+        last_error = Some(msg);
+    }
+    Err(last_error.or_else(|| Some("no backend available".into())))
+}
+
+// === The copy loop ===
+
+/// What [`relay`] saw.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes from client to backend.
+    pub up: u64,
+    /// Bytes from backend to client.
+    pub down: u64,
+    /// Why it ended.
+    pub end: End,
+    /// The socket error, when `end` is [`End::Error`].
+    pub error: Option<io::Error>,
+}
+
+/// Relays bytes both ways between `client` and `backend` until both directions reached EOF,
+/// an error occurs, nothing moved for `idle`, or `drain` is cancelled.
+///
+/// Half-close is propagated: EOF from one side shuts down writing towards the other, and the
+/// other direction keeps flowing. The sockets are not closed here; dropping them does that.
+pub async fn relay(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Duration,
+    drain: &CancellationToken,
+) -> Relayed {
+    let start = Instant::now();
+    let up_bytes = AtomicU64::new(0);
+    let down_bytes = AtomicU64::new(0);
+    // Milliseconds since `start` of the last read; the idle timer re-arms from it when it
+    // fires, so activity costs one relaxed store and no timer reset.
+    let last_ms = AtomicU64::new(0);
+
+    let mut up = pin!(pump(client, backend, &up_bytes, &last_ms, start));
+    let mut down = pin!(pump(backend, client, &down_bytes, &last_ms, start));
+    let mut up_done = false;
+    let mut down_done = false;
+    let mut first_eof: Option<End> = None;
+    let mut deadline = tokio::time::Instant::from_std(start) + idle;
+    let idle_sleep = tokio::time::sleep_until(deadline);
+    let mut idle_sleep = pin!(idle_sleep);
+
+    let (end, error) = loop {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => {
+                    up_done = true;
+                    first_eof.get_or_insert(End::ClientClosed);
+                    if down_done { break (first_eof.unwrap_or(End::ClientClosed), None); }
+                }
+                Err(e) => break (End::Error, Some(e)),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => {
+                    down_done = true;
+                    first_eof.get_or_insert(End::BackendClosed);
+                    if up_done { break (first_eof.unwrap_or(End::BackendClosed), None); }
+                }
+                Err(e) => break (End::Error, Some(e)),
+            },
+            () = &mut idle_sleep => {
+                let last = tokio::time::Instant::from_std(start)
+                    + Duration::from_millis(last_ms.load(Ordering::Relaxed));
+                let next = last + idle;
+                if next <= tokio::time::Instant::now() {
+                    break (End::IdleTimeout, None);
+                }
+                deadline = next;
+                idle_sleep.as_mut().reset(deadline);
+            },
+            () = drain.cancelled() => break (End::Drained, None),
+        }
+    };
+    Relayed {
+        up: up_bytes.load(Ordering::Relaxed),
+        down: down_bytes.load(Ordering::Relaxed),
+        end,
+        error,
+    }
+}
+
+/// Copies `from` to `to` until EOF on `from`, then shuts down writing on `to`.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    last_ms: &AtomicU64,
+    start: Instant,
+) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        let mut buf = BufPool::take();
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                BufPool::put(buf);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            BufPool::put(buf);
+            // The peer may already be gone; its own direction reports that.
+            let _ = SockRef::from(to).shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        last_ms.store(
+            u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let mut off = 0;
+        while off < n {
+            match to.try_write(&buf[off..n]) {
+                Ok(k) => off += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        BufPool::put(buf);
+    }
+}
+
+// === Buffers ===
+
+/// Size of one relay buffer: large enough that bulk transfers move in few syscalls.
+const BUF_SIZE: usize = 64 * 1024;
+/// Buffers kept per worker thread between uses; beyond that they are freed, so a burst does
+/// not pin memory forever.
+const POOL_KEEP: usize = 32;
+
+thread_local! {
+    static BUFS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A per-thread free list of relay buffers. A task may move threads between take and put;
+/// that only moves a buffer from one thread's list to another's.
+struct BufPool;
+
+impl BufPool {
+    fn take() -> Box<[u8]> {
+        BUFS.with(|b| b.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+    }
+
+    fn put(buf: Box<[u8]>) {
+        BUFS.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.len() < POOL_KEEP {
+                b.push(buf);
+            }
+        });
+    }
+}

@@ -1,0 +1,252 @@
+//! apilb: a Layer-4 / TLS-passthrough load balancer for Kubernetes API servers.
+//!
+//! An accept loop hands each connection to a task that reads one immutable snapshot of its
+//! listener's state, picks a backend, connects, and runs the copy loop; everything else only
+//! ever publishes a new snapshot or reads counters. The hot path takes no lock, looks up no
+//! configuration and allocates nothing per read.
+//!
+//! ```text
+//!   apilb.toml ──config::load──▶ Config ──Gateway::start──▶ per listener: ArcSwap<ListenerState>
+//!                                                                   │ (load_full per accept)
+//!   client ──▶ listener::AcceptLoop ──spawn──▶ forward::serve ──────┘
+//!                 │ max_connections             │ balance::Pool::pick → connect (+retry)
+//!                 │ accept backoff              │ forward::relay (half-close, idle, drain)
+//!                 ▼                             ▼
+//!              metrics (atomics) ◀──── one access-log line + counters at close
+//!
+//!   shutdown future ─▶ stop accepting ─▶ wait for connections ≤ longest drain_timeout ─▶ close rest
+//! ```
+//!
+//! Threading: one multi-threaded tokio runtime whose worker count is `--threads` (default:
+//! the number of cores). Every connection is one task; tokio's work-stealing spreads them
+//! over the workers, and the copy loop is readiness-driven, so a worker only runs a
+//! connection when one of its sockets has something to do.
+//!
+//! `demo` holds the throwaway PKI and the simulated kube-apiserver used by `apilb demo`,
+//! the tests and the benchmarks.
+
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod forward;
+pub mod listener;
+pub mod metrics;
+pub mod shutdown;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balance::Pool;
+use crate::config::Config;
+use crate::listener::{AcceptLoop, ListenerState};
+use crate::metrics::Metrics;
+
+/// Failure to start the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listening address could not be bound.
+    #[error("listener {listener:?}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The listener's name.
+        listener: String,
+        /// The address from the config.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config names a pool that it does not define (`config::load` rules this out).
+    #[error("listener {0:?} refers to an unknown pool")]
+    UnknownPool(String),
+}
+
+/// Where the gateway is in its life, for tests and for service-manager notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Listeners are bound and accepting.
+    Running,
+    /// Shutdown began: no longer accepting, connections finishing.
+    Draining,
+    /// Every connection is closed.
+    Stopped,
+}
+
+/// How shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections still open at the drain deadline, closed with `end=drained`.
+    pub forced: usize,
+}
+
+/// A listener's bound addresses (port 0 in the config resolves to the real port here).
+#[derive(Debug, Clone)]
+pub struct BoundListener {
+    /// The listener's name.
+    pub name: String,
+    /// One entry per configured address, in config order.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Handle {
+    listeners: Vec<BoundListener>,
+    metrics: Arc<Metrics>,
+    phase: watch::Receiver<Phase>,
+    done: tokio::task::JoinHandle<ShutdownReport>,
+}
+
+impl Handle {
+    /// Every listener with its bound addresses.
+    pub fn listeners(&self) -> &[BoundListener] {
+        &self.listeners
+    }
+
+    /// The first bound address of the listener called `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .and_then(|l| l.addrs.first().copied())
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A receiver that follows the gateway's phase.
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.clone()
+    }
+
+    /// Waits until the shutdown future fired and every connection is closed.
+    pub async fn wait(self) -> ShutdownReport {
+        self.done.await.unwrap_or(ShutdownReport { forced: 0 })
+    }
+}
+
+/// The gateway: listeners, pools and the shutdown sequence.
+#[derive(Debug)]
+pub struct Gateway;
+
+impl Gateway {
+    /// Binds every listener of `cfg`, starts accepting, and returns at once.
+    ///
+    /// When `shutdown` completes the gateway stops accepting, waits up to the longest
+    /// `drain_timeout` of its pools for open connections, closes what is left and stops.
+    ///
+    /// # Errors
+    /// The first listening address that cannot be bound; nothing is left running then.
+    pub async fn start(
+        cfg: Config,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Handle, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let stop = CancellationToken::new();
+        let drain = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let pools: Vec<Arc<Pool>> = cfg
+            .pools
+            .iter()
+            .map(|p| Arc::new(Pool::new(p.clone(), &metrics, &[])))
+            .collect();
+
+        // Bind everything before spawning anything, so a bind failure leaves nothing behind.
+        let mut bound = Vec::new();
+        let mut loops = Vec::new();
+        for l in &cfg.listeners {
+            let pool = pools
+                .iter()
+                .find(|p| p.cfg.name == l.pool)
+                .cloned()
+                .ok_or_else(|| StartError::UnknownPool(l.name.clone()))?;
+            let state = Arc::new(ArcSwap::from_pointee(ListenerState {
+                cfg: l.clone(),
+                pool,
+                metrics: metrics.listener(&l.name),
+            }));
+            let limit = Arc::new(Semaphore::new(l.max_connections as usize));
+            let mut addrs = Vec::new();
+            for &addr in &l.listen {
+                let socket = listener::bind(addr).map_err(|source| StartError::Bind {
+                    listener: l.name.clone(),
+                    addr,
+                    source,
+                })?;
+                addrs.push(socket.local_addr().unwrap_or(addr));
+                loops.push(AcceptLoop {
+                    listener: socket,
+                    state: state.clone(),
+                    limit: limit.clone(),
+                    stop: stop.clone(),
+                    drain: drain.clone(),
+                    tracker: tracker.clone(),
+                });
+            }
+            tracing::info!(listener = %l.name, mode = l.mode.as_str(), pool = %l.pool, addrs = ?addrs, "listening");
+            bound.push(BoundListener {
+                name: l.name.clone(),
+                addrs,
+            });
+        }
+        let accept_tasks: Vec<_> = loops.into_iter().map(|l| tokio::spawn(l.run())).collect();
+
+        let drain_deadline = cfg
+            .pools
+            .iter()
+            .map(|p| p.drain_timeout)
+            .max()
+            .unwrap_or(Duration::ZERO);
+        let (phase_tx, phase) = watch::channel(Phase::Running);
+        let done = tokio::spawn(async move {
+            shutdown.await;
+            let _ = phase_tx.send(Phase::Draining);
+            stop.cancel();
+            for t in accept_tasks {
+                let _ = t.await;
+            }
+            tracker.close();
+            let open = tracker.len();
+            tracing::info!(
+                open_connections = open,
+                deadline = %humantime::format_duration(drain_deadline),
+                "stopped accepting; draining"
+            );
+            let forced = if tokio::time::timeout(drain_deadline, tracker.wait())
+                .await
+                .is_ok()
+            {
+                tracing::info!("drain finished: every connection closed on its own");
+                0
+            } else {
+                let forced = tracker.len();
+                tracing::warn!(
+                    closing = forced,
+                    "drain deadline reached: closing the remaining connections"
+                );
+                drain.cancel();
+                tracker.wait().await;
+                forced
+            };
+            let _ = phase_tx.send(Phase::Stopped);
+            ShutdownReport { forced }
+        });
+
+        Ok(Handle {
+            listeners: bound,
+            metrics,
+            phase,
+            done,
+        })
+    }
+}

@@ -1,0 +1,159 @@
+//! Listening sockets and their accept loops.
+//!
+//! Owns binding (socket2: `SO_REUSEADDR`, `IPV6_V6ONLY` so `0.0.0.0:p` and `[::]:p` can be
+//! separate listeners, a deep backlog), the accept loop with its error backoff, and the
+//! `max_connections` admission check. Each accepted connection is handed to
+//! [`crate::forward::serve`] in its own task with the listener's current
+//! [`ListenerState`], loaded once from an `ArcSwap` so a reload affects new connections only.
+//! The loop never awaits anything but `accept` and its stop signal, so a slow client or
+//! backend can never hold it up.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use prometheus::IntGauge;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balance::Pool;
+use crate::config::ListenerConfig;
+use crate::metrics::ListenerMetrics;
+
+/// Pending connections the kernel may queue per listening socket. Large, so a reconnect storm
+/// of kubelets is queued rather than dropped while the loop catches up.
+const BACKLOG: i32 = 4096;
+/// First and last pause after an accept error. EMFILE leaves the connection in the queue, so
+/// without a pause `accept` would fail again at once and spin a core.
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// What a listener's connections need, as of one snapshot.
+#[derive(Debug)]
+pub struct ListenerState {
+    /// The listener's settings.
+    pub cfg: ListenerConfig,
+    /// The pool it forwards to.
+    pub pool: Arc<Pool>,
+    /// Its metric handles.
+    pub metrics: ListenerMetrics,
+}
+
+/// Binds one listening address.
+///
+/// # Errors
+/// The socket call that failed, such as `EADDRINUSE` or `EACCES` for a port below 1024.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Holds a connection's admission for as long as it lives: the `max_connections` permit
+/// and the active gauge are released together on every exit path.
+struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    active: IntGauge,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+/// Everything an accept loop runs with.
+pub(crate) struct AcceptLoop {
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// The listener's current state; swapped by reload.
+    pub state: Arc<ArcSwap<ListenerState>>,
+    /// Permits for `max_connections`, shared by all addresses of the listener.
+    pub limit: Arc<Semaphore>,
+    /// Cancelled to stop accepting (shutdown, listener removed).
+    pub stop: CancellationToken,
+    /// Cancelled to close the connections that are still open when draining ends.
+    pub drain: CancellationToken,
+    /// Tracks connection tasks so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+impl AcceptLoop {
+    /// Accepts until `stop` is cancelled; the listening socket closes when this returns.
+    pub(crate) async fn run(self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut last_warning: Option<Instant> = None;
+        let local = self.listener.local_addr().ok();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break,
+                r = self.listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, client)) => {
+                    backoff = BACKOFF_MIN;
+                    self.admit(stream, client);
+                }
+                Err(e) => {
+                    let state = self.state.load();
+                    state.metrics.accept_errors.inc();
+                    // One warning a second at most: EMFILE under load would otherwise log
+                    // thousands of identical lines.
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(
+                            listener = %state.cfg.name,
+                            address = ?local,
+                            error = %e,
+                            backoff_ms = backoff.as_millis() as u64,
+                            "accept failed, backing off"
+                        );
+                        last_warning = Some(Instant::now());
+                    }
+                    tokio::select! {
+                        () = self.stop.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn admit(&self, stream: tokio::net::TcpStream, client: SocketAddr) {
+        let state = self.state.load_full();
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            state.metrics.rejected_max_connections.inc();
+            tracing::debug!(
+                listener = %state.cfg.name,
+                client = %client,
+                max_connections = state.cfg.max_connections,
+                "refused: listener at max_connections"
+            );
+            drop(stream);
+            return;
+        };
+        state.metrics.connections.inc();
+        state.metrics.active.inc();
+        let admitted = Admitted {
+            _permit: permit,
+            active: state.metrics.active.clone(),
+        };
+        let drain = self.drain.clone();
+        self.tracker.spawn(async move {
+            crate::forward::serve(stream, client, state, drain).await;
+            drop(admitted);
+        });
+    }
+}

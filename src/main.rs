@@ -1,0 +1,211 @@
+//! The `apilb` command: argument parsing, logging set-up and exit codes (SPEC §1).
+//!
+//! No gateway logic lives here: each subcommand calls into the library and maps its result
+//! to an exit code: 0 success, 1 runtime failure, 2 invalid config or arguments.
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use apilb::config::{self, Config};
+
+#[derive(Debug, Parser)]
+#[command(name = "apilb", version, about = "Layer-4 / TLS-passthrough load balancer for Kubernetes API servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// The configuration file.
+        #[arg(long, default_value = "/etc/apilb/apilb.toml")]
+        config: PathBuf,
+        /// Worker threads for the data path (default: the number of cores).
+        #[arg(long)]
+        threads: Option<NonZeroUsize>,
+    },
+    /// Validate a configuration file and every file it names, then print a summary.
+    Check {
+        /// The configuration file.
+        #[arg(long, default_value = "/etc/apilb/apilb.toml")]
+        config: PathBuf,
+    },
+    /// Start three simulated apiservers with a throwaway PKI and the gateway in front of them.
+    Demo {
+        /// Address of the gateway's passthrough listener (port 0: ephemeral).
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        passthrough: std::net::SocketAddr,
+        /// Keep the PKI, kubeconfig and gateway config in this folder (default: a temp folder
+        /// removed on exit).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Worker threads for the data path (default: the number of cores).
+        #[arg(long)]
+        threads: Option<NonZeroUsize>,
+    },
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config, threads } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("apilb: invalid configuration:\n{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            with_runtime(threads, async move {
+                let gateway = apilb::Gateway::start(cfg, apilb::shutdown::signal())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let report = gateway.wait().await;
+                tracing::info!(forced = report.forced, "stopped");
+                Ok(())
+            })
+        }
+        Command::Demo {
+            passthrough,
+            dir,
+            threads,
+        } => with_runtime(threads, async move {
+            apilb::demo::run(
+                apilb::demo::DemoOptions { passthrough, dir },
+                apilb::shutdown::signal(),
+            )
+            .await
+            .map_err(|e| e.to_string())
+        }),
+    }
+}
+
+fn with_runtime(
+    threads: Option<NonZeroUsize>,
+    main: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
+    let threads = threads
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, NonZeroUsize::get);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("apilb-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("apilb: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("apilb: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(cfg) => {
+            print!("{}", summary(&cfg));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let n = e.0.len();
+            eprintln!(
+                "apilb check: {} problem{} in {}:",
+                n,
+                if n == 1 { "" } else { "s" },
+                path.display()
+            );
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// The one-screen summary `check` prints for a good config.
+fn summary(cfg: &Config) -> String {
+    use std::fmt::Write as _;
+    let mut s = format!("{}: configuration is valid\n", cfg.source.display());
+    if let Some(a) = &cfg.admin {
+        let _ = writeln!(s, "admin      {}", a.listen);
+    }
+    for l in &cfg.listeners {
+        let addrs: Vec<String> = l.listen.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            s,
+            "listener   {} ({}) on {} -> pool {}, idle_timeout {}, max_connections {}",
+            l.name,
+            l.mode.as_str(),
+            addrs.join(", "),
+            l.pool,
+            humantime::format_duration(l.idle_timeout),
+            l.max_connections
+        );
+    }
+    for p in &cfg.pools {
+        let _ = writeln!(
+            s,
+            "pool       {} ({}, connect_timeout {}, {} attempts, drain {})",
+            p.name,
+            p.balance.as_str(),
+            humantime::format_duration(p.connect_timeout),
+            p.connect_attempts,
+            humantime::format_duration(p.drain_timeout)
+        );
+        for b in &p.backends {
+            let resolved = if b.address == b.addr.to_string() {
+                String::new()
+            } else {
+                format!(" = {}", b.addr)
+            };
+            let _ = writeln!(s, "  backend  {} {}{} weight {}", b.name, b.address, resolved, b.weight);
+        }
+    }
+    s
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|e| {
+        eprintln!("apilb: invalid --log-level {level:?} ({e}); using info");
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,214 @@
+//! Prometheus metrics: one struct of handles, registered once in the gateway's own registry.
+//!
+//! Names and labels are part of the contract (SPEC §4) and live here as constants. The hot
+//! path never looks a metric up by label: listeners and backends resolve their labelled
+//! children once, when a snapshot is built, and afterwards only touch atomics
+//! ([`ListenerMetrics`], [`BackendMetrics`]). Byte counters are added once per connection,
+//! at its end, not per read.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// `apilb_listener_connections_total{listener}`
+pub const LISTENER_CONNECTIONS: &str = "apilb_listener_connections_total";
+/// `apilb_listener_active_connections{listener}`
+pub const LISTENER_ACTIVE: &str = "apilb_listener_active_connections";
+/// `apilb_listener_rejected_total{listener,reason}`
+pub const LISTENER_REJECTED: &str = "apilb_listener_rejected_total";
+/// `apilb_listener_accept_errors_total{listener}`: accept(2) failures such as EMFILE.
+pub const LISTENER_ACCEPT_ERRORS: &str = "apilb_listener_accept_errors_total";
+/// `apilb_backend_connections_total{pool,backend}`
+pub const BACKEND_CONNECTIONS: &str = "apilb_backend_connections_total";
+/// `apilb_backend_active_connections{pool,backend}`
+pub const BACKEND_ACTIVE: &str = "apilb_backend_active_connections";
+/// `apilb_backend_connect_errors_total{pool,backend}`
+pub const BACKEND_CONNECT_ERRORS: &str = "apilb_backend_connect_errors_total";
+/// `apilb_backend_bytes_total{pool,backend,direction}`
+pub const BACKEND_BYTES: &str = "apilb_backend_bytes_total";
+/// `apilb_pool_fail_open_total{pool}`
+pub const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
+
+/// Rejection reasons, the `reason` label of [`LISTENER_REJECTED`].
+pub const REJECT_MAX_CONNECTIONS: &str = "max_connections";
+/// No backend could be connected to (all refused, timed out, or `when_all_down = "reject"`).
+pub const REJECT_NO_BACKEND: &str = "no_backend";
+
+/// Every metric family the gateway exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    listener_connections: IntCounterVec,
+    listener_active: IntGaugeVec,
+    listener_rejected: IntCounterVec,
+    listener_accept_errors: IntCounterVec,
+    backend_connections: IntCounterVec,
+    backend_active: IntGaugeVec,
+    backend_connect_errors: IntCounterVec,
+    backend_bytes: IntCounterVec,
+    pool_fail_open: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("each metric is registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("each metric is registered once");
+    g
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every family in a fresh registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Self {
+            listener_connections: counter(
+                &r,
+                LISTENER_CONNECTIONS,
+                "Client connections accepted by the listener.",
+                &["listener"],
+            ),
+            listener_active: gauge(
+                &r,
+                LISTENER_ACTIVE,
+                "Client connections open on the listener.",
+                &["listener"],
+            ),
+            listener_rejected: counter(
+                &r,
+                LISTENER_REJECTED,
+                "Client connections closed without being proxied, by reason.",
+                &["listener", "reason"],
+            ),
+            listener_accept_errors: counter(
+                &r,
+                LISTENER_ACCEPT_ERRORS,
+                "accept(2) failures, such as running out of file descriptors.",
+                &["listener"],
+            ),
+            backend_connections: counter(
+                &r,
+                BACKEND_CONNECTIONS,
+                "Proxied client connections established to the backend.",
+                &["pool", "backend"],
+            ),
+            backend_active: gauge(
+                &r,
+                BACKEND_ACTIVE,
+                "Proxied client connections open to (or connecting to) the backend.",
+                &["pool", "backend"],
+            ),
+            backend_connect_errors: counter(
+                &r,
+                BACKEND_CONNECT_ERRORS,
+                "Failed connects to the backend for proxied connections.",
+                &["pool", "backend"],
+            ),
+            backend_bytes: counter(
+                &r,
+                BACKEND_BYTES,
+                "Bytes relayed, up (client to backend) and down (backend to client).",
+                &["pool", "backend", "direction"],
+            ),
+            pool_fail_open: counter(
+                &r,
+                POOL_FAIL_OPEN,
+                "Connections routed while no backend of the pool was healthy.",
+                &["pool"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// The registry, for the admin server and for tests.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Everything in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Handles for one listener, resolved once per listener.
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            connections: self.listener_connections.with_label_values(&[listener]),
+            active: self.listener_active.with_label_values(&[listener]),
+            rejected_max_connections: self
+                .listener_rejected
+                .with_label_values(&[listener, REJECT_MAX_CONNECTIONS]),
+            rejected_no_backend: self
+                .listener_rejected
+                .with_label_values(&[listener, REJECT_NO_BACKEND]),
+            accept_errors: self.listener_accept_errors.with_label_values(&[listener]),
+        }
+    }
+
+    /// Handles for one backend of one pool, resolved once per backend.
+    pub fn backend(&self, pool: &str, backend: &str) -> BackendMetrics {
+        BackendMetrics {
+            connections: self.backend_connections.with_label_values(&[pool, backend]),
+            active: self.backend_active.with_label_values(&[pool, backend]),
+            connect_errors: self
+                .backend_connect_errors
+                .with_label_values(&[pool, backend]),
+            bytes_up: self.backend_bytes.with_label_values(&[pool, backend, "up"]),
+            bytes_down: self
+                .backend_bytes
+                .with_label_values(&[pool, backend, "down"]),
+        }
+    }
+
+    /// The fail-open counter of one pool.
+    pub fn pool_fail_open(&self, pool: &str) -> IntCounter {
+        self.pool_fail_open.with_label_values(&[pool])
+    }
+}
+
+/// Pre-resolved handles of one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    /// Accepted and handed to a connection task.
+    pub connections: IntCounter,
+    /// Open right now.
+    pub active: IntGauge,
+    /// Refused because the listener was at `max_connections`.
+    pub rejected_max_connections: IntCounter,
+    /// Closed because no backend could take it.
+    pub rejected_no_backend: IntCounter,
+    /// accept(2) errors.
+    pub accept_errors: IntCounter,
+}
+
+/// Pre-resolved handles of one backend.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    /// Established proxied connections.
+    pub connections: IntCounter,
+    /// Open (or connecting) proxied connections; also the least-conn load figure.
+    pub active: IntGauge,
+    /// Failed connects from proxied traffic.
+    pub connect_errors: IntCounter,
+    /// Client to backend bytes.
+    pub bytes_up: IntCounter,
+    /// Backend to client bytes.
+    pub bytes_down: IntCounter,
+}
