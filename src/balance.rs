@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use prometheus::IntCounter;
 
-use crate::config::{Balance, BackendConfig, PoolConfig};
+use crate::config::{BackendConfig, Balance, PoolConfig};
 use crate::metrics::{BackendMetrics, Metrics};
 
 // === Backend ===
@@ -241,12 +241,18 @@ mod tests {
 
     #[test]
     fn round_robin_is_exactly_even() {
-        assert_eq!(counts(&pool(Balance::RoundRobin, &[1, 1, 1]), 300), [100, 100, 100]);
+        assert_eq!(
+            counts(&pool(Balance::RoundRobin, &[1, 1, 1]), 300),
+            [100, 100, 100]
+        );
     }
 
     #[test]
     fn round_robin_follows_weights() {
-        assert_eq!(counts(&pool(Balance::RoundRobin, &[1, 2, 3]), 600), [100, 200, 300]);
+        assert_eq!(
+            counts(&pool(Balance::RoundRobin, &[1, 2, 3]), 600),
+            [100, 200, 300]
+        );
     }
 
     #[test]
@@ -282,7 +288,9 @@ mod tests {
     #[test]
     fn random_two_picks_the_less_loaded_of_two() {
         let p = pool(Balance::RandomTwo, &[1, 1]);
-        let _held: Vec<ActiveGuard> = (0..5).map(|_| ActiveGuard::new(p.backends[0].clone())).collect();
+        let _held: Vec<ActiveGuard> = (0..5)
+            .map(|_| ActiveGuard::new(p.backends[0].clone()))
+            .collect();
         // With two backends both are always drawn, so the idle one always wins.
         for _ in 0..50 {
             assert_eq!(p.pick(&[]), Some(1));

@@ -468,7 +468,11 @@ impl Validator<'_> {
             let l = l.into_inner();
             let name = l.name.get_ref().trim().to_string();
             if name.is_empty() {
-                self.error(l.name.span(), format!("listener[{i}].name"), "expected a non-empty name");
+                self.error(
+                    l.name.span(),
+                    format!("listener[{i}].name"),
+                    "expected a non-empty name",
+                );
             } else if !listener_names.insert(name.clone()) {
                 self.error(
                     l.name.span(),
@@ -514,12 +518,18 @@ impl Validator<'_> {
                     self.error(
                         span,
                         format!("listener[{i}].mode"),
-                        format!("unknown mode {other:?}: expected \"passthrough\" or \"terminate\""),
+                        format!(
+                            "unknown mode {other:?}: expected \"passthrough\" or \"terminate\""
+                        ),
                     );
                     Mode::Passthrough
                 }
             };
-            self.not_yet(l.tls.as_ref(), &format!("listener[{i}].tls"), "[listener.tls]");
+            self.not_yet(
+                l.tls.as_ref(),
+                &format!("listener[{i}].tls"),
+                "[listener.tls]",
+            );
             let pool = l.pool.get_ref().clone();
             if !pool_names.contains_key(&pool) {
                 let known: Vec<&str> = pool_names.keys().map(String::as_str).collect();
@@ -578,7 +588,11 @@ impl Validator<'_> {
                 Balance::LeastConn
             }
         };
-        let when_all_down = match p.when_all_down.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+        let when_all_down = match p
+            .when_all_down
+            .as_ref()
+            .map(|b| (b.get_ref().as_str(), b.span()))
+        {
             None | Some(("fail-open", _)) => WhenAllDown::FailOpen,
             Some(("reject", _)) => WhenAllDown::Reject,
             Some((other, span)) => {
@@ -590,18 +604,23 @@ impl Validator<'_> {
                 WhenAllDown::FailOpen
             }
         };
-        let connect_timeout =
-            self.duration(p.connect_timeout.as_ref(), &k("connect_timeout"), DEFAULT_CONNECT_TIMEOUT);
-        let drain_timeout =
-            self.duration(p.drain_timeout.as_ref(), &k("drain_timeout"), DEFAULT_DRAIN_TIMEOUT);
+        let connect_timeout = self.duration(
+            p.connect_timeout.as_ref(),
+            &k("connect_timeout"),
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let drain_timeout = self.duration(
+            p.drain_timeout.as_ref(),
+            &k("drain_timeout"),
+            DEFAULT_DRAIN_TIMEOUT,
+        );
         let attempts = self.int_in(
             p.connect_attempts.as_ref(),
             &k("connect_attempts"),
             1..=100,
             DEFAULT_CONNECT_ATTEMPTS,
         );
-        let connect_attempts =
-            NonZeroU32::new(attempts).unwrap_or(NonZeroU32::MIN);
+        let connect_attempts = NonZeroU32::new(attempts).unwrap_or(NonZeroU32::MIN);
         self.not_yet(p.slow_start.as_ref(), &k("slow_start"), "slow_start");
         self.not_yet(p.health.as_ref(), &k("health"), "[pool.health]");
         self.not_yet(p.tls.as_ref(), &k("tls"), "[pool.tls]");
@@ -687,7 +706,11 @@ impl Validator<'_> {
             Ok(mut addrs) => match addrs.next() {
                 Some(a) => Some(a),
                 None => {
-                    self.error(span, key, format!("cannot resolve {s:?}: no addresses found"));
+                    self.error(
+                        span,
+                        key,
+                        format!("cannot resolve {s:?}: no addresses found"),
+                    );
                     None
                 }
             },

@@ -176,14 +176,20 @@ async fn connect(
         let backend = &pool.backends[i];
         // Counted as active from the pick on, so concurrent picks by least-conn see it.
         let guard = ActiveGuard::new(backend.clone());
-        let err = match tokio::time::timeout(pool.cfg.connect_timeout, TcpStream::connect(backend.addr)).await {
-            Ok(Ok(stream)) => {
-                backend.metrics.connections.inc();
-                return Ok((stream, guard));
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("timeout after {}", humantime::format_duration(pool.cfg.connect_timeout)),
-        };
+        let err =
+            match tokio::time::timeout(pool.cfg.connect_timeout, TcpStream::connect(backend.addr))
+                .await
+            {
+                Ok(Ok(stream)) => {
+                    backend.metrics.connections.inc();
+                    return Ok((stream, guard));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!(
+                    "timeout after {}",
+                    humantime::format_duration(pool.cfg.connect_timeout)
+                ),
+            };
         backend.metrics.connect_errors.inc();
         let msg = format!("connect to {} ({}): {err}", backend.name, backend.addr);
         tracing::debug!(listener, client = %client, backend = %backend.name, error = %err, "backend connect failed, trying another");

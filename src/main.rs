@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use apilb::config::{self, Config};
 
 #[derive(Debug, Parser)]
-#[command(name = "apilb", version, about = "Layer-4 / TLS-passthrough load balancer for Kubernetes API servers")]
+#[command(
+    name = "apilb",
+    version,
+    about = "Layer-4 / TLS-passthrough load balancer for Kubernetes API servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -187,7 +191,11 @@ fn summary(cfg: &Config) -> String {
             } else {
                 format!(" = {}", b.addr)
             };
-            let _ = writeln!(s, "  backend  {} {}{} weight {}", b.name, b.address, resolved, b.weight);
+            let _ = writeln!(
+                s,
+                "  backend  {} {}{} weight {}",
+                b.name, b.address, resolved, b.weight
+            );
         }
     }
     s

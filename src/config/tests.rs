@@ -1,1 +1,257 @@
+use super::*;
 
+const GOOD: &str = r#"
+[admin]
+listen = "127.0.0.1:9090"
+
+[[pool]]
+name = "apiservers"
+balance = "round-robin"
+connect_timeout = "500ms"
+connect_attempts = 2
+when_all_down = "reject"
+drain_timeout = "10s"
+  [[pool.backend]]
+  address = "127.0.0.1:6443"
+  name = "control0"
+  weight = 3
+  [[pool.backend]]
+  address = "localhost:6444"
+
+[[listener]]
+name = "passthrough"
+listen = ["127.0.0.1:6443", "[::1]:6443"]
+pool = "apiservers"
+idle_timeout = "2h"
+max_connections = 10
+"#;
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match parse(Path::new("t.toml"), text) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.0,
+    }
+}
+
+/// The single error of `text`, which must be on `line` and mention `needle`.
+fn one_error(text: &str, line: usize, key: &str, needle: &str) {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    let e = &errs[0];
+    assert_eq!(e.line, Some(line), "{e}");
+    assert!(
+        e.key.contains(key) || e.message.contains(key),
+        "key {key:?} not named in {e}"
+    );
+    assert!(e.message.contains(needle), "{needle:?} not in {e}");
+    assert!(e.to_string().starts_with(&format!("t.toml:{line}:")), "{e}");
+}
+
+#[test]
+fn good_config_is_typed_with_defaults_applied() {
+    let c = parse(Path::new("t.toml"), GOOD).expect("valid");
+    assert_eq!(
+        c.admin,
+        Some(AdminConfig {
+            listen: "127.0.0.1:9090".parse().expect("addr")
+        })
+    );
+    let p = &c.pools[0];
+    assert_eq!(p.balance, Balance::RoundRobin);
+    assert_eq!(p.connect_timeout, Duration::from_millis(500));
+    assert_eq!(p.connect_attempts.get(), 2);
+    assert_eq!(p.when_all_down, WhenAllDown::Reject);
+    assert_eq!(p.backends[0].weight, 3);
+    assert_eq!(p.backends[1].name, "localhost:6444");
+    assert_eq!(p.backends[1].addr.port(), 6444);
+    let l = &c.listeners[0];
+    assert_eq!(l.listen.len(), 2);
+    assert!(l.listen[1].is_ipv6());
+    assert_eq!(l.idle_timeout, Duration::from_secs(7200));
+    assert_eq!(l.mode, Mode::Passthrough);
+}
+
+#[test]
+fn defaults_follow_the_spec() {
+    let c = parse(
+        Path::new("t.toml"),
+        "[[pool]]\nname='p'\n[[pool.backend]]\naddress='127.0.0.1:1'\n[[listener]]\nname='l'\nlisten='127.0.0.1:0'\npool='p'\n",
+    )
+    .expect("valid");
+    let p = &c.pools[0];
+    assert_eq!(
+        (
+            p.balance,
+            p.connect_timeout,
+            p.connect_attempts.get(),
+            p.when_all_down,
+            p.drain_timeout
+        ),
+        (
+            Balance::LeastConn,
+            Duration::from_secs(2),
+            3,
+            WhenAllDown::FailOpen,
+            Duration::from_secs(30)
+        )
+    );
+    let l = &c.listeners[0];
+    assert_eq!(
+        (l.idle_timeout, l.max_connections),
+        (Duration::from_secs(3600), 50_000)
+    );
+}
+
+#[test]
+fn syntax_error_names_the_line() {
+    one_error(
+        &GOOD.replace("balance = \"round-robin\"", "balance = round-robin"),
+        7,
+        "",
+        "",
+    );
+}
+
+#[test]
+fn unknown_key_is_rejected_with_its_name() {
+    one_error(
+        &GOOD.replace(
+            "drain_timeout = \"10s\"",
+            "drain_timeout = \"10s\"\nretries = 2",
+        ),
+        12,
+        "retries",
+        "unknown field",
+    );
+}
+
+#[test]
+fn unknown_pool_is_named() {
+    one_error(
+        &GOOD.replace("pool = \"apiservers\"", "pool = \"apiserver\""),
+        22,
+        "listener[0].pool",
+        "unknown pool \"apiserver\"",
+    );
+}
+
+#[test]
+fn duplicate_names_are_rejected() {
+    let text = format!("{GOOD}\n[[listener]]\nname = \"passthrough\"\nlisten = \"127.0.0.1:7000\"\npool = \"apiservers\"\n");
+    one_error(&text, 27, "listener[1].name", "duplicate listener name");
+    let text = GOOD.replace(
+        "  address = \"localhost:6444\"",
+        "  address = \"localhost:6444\"\n  name = \"control0\"",
+    );
+    one_error(&text, 18, "backend[1].name", "duplicate backend name");
+}
+
+#[test]
+fn duplicate_listen_addresses_are_rejected() {
+    let text = format!("{GOOD}\n[[listener]]\nname = \"second\"\nlisten = \"127.0.0.1:6443\"\npool = \"apiservers\"\n");
+    one_error(
+        &text,
+        28,
+        "listener[1].listen",
+        "already used by \"passthrough\"",
+    );
+    let text = GOOD.replace("127.0.0.1:9090", "127.0.0.1:6443");
+    one_error(&text, 21, "listener[0].listen", "already used by \"admin\"");
+}
+
+#[test]
+fn bad_duration_explains_the_format() {
+    one_error(
+        &GOOD.replace("\"500ms\"", "\"500\""),
+        8,
+        "pool[0].connect_timeout",
+        "like \"500ms\"",
+    );
+    one_error(
+        &GOOD.replace("\"2h\"", "\"0s\""),
+        23,
+        "listener[0].idle_timeout",
+        "above zero",
+    );
+}
+
+#[test]
+fn zero_attempts_is_out_of_range() {
+    one_error(
+        &GOOD.replace("connect_attempts = 2", "connect_attempts = 0"),
+        9,
+        "pool[0].connect_attempts",
+        "expected 1 to 100",
+    );
+}
+
+#[test]
+fn empty_backends_are_rejected() {
+    let text = "[[pool]]\nname = \"p\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n";
+    one_error(text, 2, "pool[0].backend", "no backends");
+}
+
+#[test]
+fn unresolvable_host_is_reported() {
+    one_error(
+        &GOOD.replace("localhost:6444", "no-such-host.invalid:6444"),
+        17,
+        "backend[1].address",
+        "cannot resolve",
+    );
+}
+
+#[test]
+fn port_out_of_range_is_reported() {
+    one_error(
+        &GOOD.replace("127.0.0.1:6443\"\n  name", "127.0.0.1:70000\"\n  name"),
+        13,
+        "backend[0].address",
+        "port out of range",
+    );
+    one_error(
+        &GOOD.replace("[::1]:6443", "[::1]:99999"),
+        21,
+        "listener[0].listen",
+        "port out of range",
+    );
+}
+
+#[test]
+fn later_features_say_not_supported_yet() {
+    let text = GOOD.replace(
+        "drain_timeout = \"10s\"",
+        "drain_timeout = \"10s\"\n  [pool.health]\n  check = \"https\"",
+    );
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "pool[0].health" && e.message.contains("not supported yet")),
+        "{errs:#?}"
+    );
+    let text = GOOD.replace(
+        "max_connections = 10",
+        "max_connections = 10\nmode = \"terminate\"",
+    );
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "listener[0].mode" && e.message.contains("not supported yet")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = GOOD
+        .replace("connect_attempts = 2", "connect_attempts = 0")
+        .replace("\"2h\"", "\"forever\"")
+        .replace("balance = \"round-robin\"", "balance = \"fastest\"");
+    assert_eq!(errors(&text).len(), 3);
+}
+
+#[test]
+fn line_col_counts_from_one() {
+    assert_eq!(line_col("ab\ncd", 0), (1, 1));
+    assert_eq!(line_col("ab\ncd", 4), (2, 2));
+}

@@ -125,7 +125,9 @@ pub struct ApiServer {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -148,20 +150,27 @@ impl ApiServer {
             source,
         };
         let provider = tls::provider();
-        let roots = tls::roots_from_pem(opts.client_ca_pem.as_bytes(), "client CA").map_err(tls_err)?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| tls_err(tls::TlsError::Rustls {
-                what: "client CA".into(),
-                source: rustls::Error::General(e.to_string()),
-            }))?;
-        let chain = tls::certs_from_pem(opts.cert_pem.as_bytes(), "serving certificate").map_err(tls_err)?;
+        let roots =
+            tls::roots_from_pem(opts.client_ca_pem.as_bytes(), "client CA").map_err(tls_err)?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| {
+                    tls_err(tls::TlsError::Rustls {
+                        what: "client CA".into(),
+                        source: rustls::Error::General(e.to_string()),
+                    })
+                })?;
+        let chain = tls::certs_from_pem(opts.cert_pem.as_bytes(), "serving certificate")
+            .map_err(tls_err)?;
         let key = tls::key_from_pem(opts.key_pem.as_bytes(), "serving key").map_err(tls_err)?;
-        let rustls_err = |source| tls_err(tls::TlsError::Rustls {
-            what: "serving certificate".into(),
-            source,
-        });
+        let rustls_err = |source| {
+            tls_err(tls::TlsError::Rustls {
+                what: "serving certificate".into(),
+                source,
+            })
+        };
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(rustls_err)?
@@ -171,13 +180,14 @@ impl ApiServer {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
 
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| ApiServerError::Bind {
-                name: opts.name.clone(),
-                addr: opts.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(opts.listen)
+                .await
+                .map_err(|source| ApiServerError::Bind {
+                    name: opts.name.clone(),
+                    addr: opts.listen,
+                    source,
+                })?;
         let addr = listener.local_addr().unwrap_or(opts.listen);
         let shared = Arc::new(Shared {
             name: opts.name,
@@ -187,7 +197,12 @@ impl ApiServer {
             watch_interval: opts.watch_interval,
         });
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, acceptor, shared.clone(), stop.clone()));
+        tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            shared.clone(),
+            stop.clone(),
+        ));
         Ok(Self { addr, shared, stop })
     }
 
@@ -278,7 +293,10 @@ async fn serve_conn(
         async move { Ok::<_, Infallible>(route(&req, &shared, cert_identity.as_ref().as_ref())) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).await {
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+        .await
+    {
         tracing::debug!(client = %peer, error = %e, "connection ended with an error");
     }
 }
@@ -379,15 +397,24 @@ fn route(req: &Request<Incoming>, shared: &Shared, cert: Option<&Identity>) -> R
             }),
         ),
         "/api/v1/namespaces/default/pods"
-            if query.split('&').any(|p| p == "watch=1" || p == "watch=true") =>
+            if query
+                .split('&')
+                .any(|p| p == "watch=1" || p == "watch=true") =>
         {
             Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "application/json")
-                .body(BodyExt::boxed(WatchBody::new(shared.name.clone(), shared.watch_interval)))
+                .body(BodyExt::boxed(WatchBody::new(
+                    shared.name.clone(),
+                    shared.watch_interval,
+                )))
                 .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
         }
-        _ => status_error(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"),
+        _ => status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        ),
     }
 }
 

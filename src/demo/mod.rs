@@ -140,7 +140,10 @@ pub async fn run(
 
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, kubeconfig_yaml(&url_base(bound), &pki)).map_err(files_err)?;
-    println!("{}", instructions(bound, &servers, &files, &kubeconfig, &config_path));
+    println!(
+        "{}",
+        instructions(bound, &servers, &files, &kubeconfig, &config_path)
+    );
 
     let report = gateway.wait().await;
     tracing::info!(forced = report.forced, "demo stopped");
@@ -201,13 +204,28 @@ fn instructions(
 ) -> String {
     let url = url_base(gateway);
     let mut s = String::new();
-    let _ = writeln!(s, "apilb demo is running: three simulated kube-apiservers behind a passthrough gateway.\n");
+    let _ = writeln!(
+        s,
+        "apilb demo is running: three simulated kube-apiservers behind a passthrough gateway.\n"
+    );
     for srv in servers {
         let _ = writeln!(s, "  {:<14} {}", srv.name(), srv.addr());
     }
-    let _ = writeln!(s, "  {:<14} {gateway}  (TLS passes through: the apiservers see your client certificate)", "gateway");
-    let _ = writeln!(s, "  {:<14} {}  (CA, admin and node certificates, kubeconfig, apilb.toml)\n", "files", files.dir.display());
-    let _ = writeln!(s, "Try (each answer names the apiserver that served it and who you are):");
+    let _ = writeln!(
+        s,
+        "  {:<14} {gateway}  (TLS passes through: the apiservers see your client certificate)",
+        "gateway"
+    );
+    let _ = writeln!(
+        s,
+        "  {:<14} {}  (CA, admin and node certificates, kubeconfig, apilb.toml)\n",
+        "files",
+        files.dir.display()
+    );
+    let _ = writeln!(
+        s,
+        "Try (each answer names the apiserver that served it and who you are):"
+    );
     let _ = writeln!(
         s,
         "  curl --cacert {} --cert {} --key {} {url}/whoami",
@@ -222,10 +240,22 @@ fn instructions(
         files.node_cert.display(),
         files.node_key.display()
     );
-    let _ = writeln!(s, "  curl --cacert {} -H 'Authorization: Bearer {DEMO_TOKEN}' {url}/whoami", files.ca.display());
+    let _ = writeln!(
+        s,
+        "  curl --cacert {} -H 'Authorization: Bearer {DEMO_TOKEN}' {url}/whoami",
+        files.ca.display()
+    );
     let _ = writeln!(s, "  curl --cacert {} {url}/whoami", files.ca.display());
-    let _ = writeln!(s, "  kubectl --kubeconfig {} get --raw /whoami", kubeconfig.display());
-    let _ = writeln!(s, "  kubectl --kubeconfig {} get --raw /version", kubeconfig.display());
+    let _ = writeln!(
+        s,
+        "  kubectl --kubeconfig {} get --raw /whoami",
+        kubeconfig.display()
+    );
+    let _ = writeln!(
+        s,
+        "  kubectl --kubeconfig {} get --raw /version",
+        kubeconfig.display()
+    );
     let _ = writeln!(
         s,
         "  curl -N --cacert {} --cert {} --key {} '{url}/api/v1/namespaces/default/pods?watch=1'",
@@ -233,6 +263,10 @@ fn instructions(
         files.admin_cert.display(),
         files.admin_key.display()
     );
-    let _ = writeln!(s, "\nThe gateway's config is {}. Ctrl-C stops the demo.", config.display());
+    let _ = writeln!(
+        s,
+        "\nThe gateway's config is {}. Ctrl-C stops the demo.",
+        config.display()
+    );
     s
 }

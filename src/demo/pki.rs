@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -82,7 +82,12 @@ impl Ca {
     ///
     /// # Errors
     /// Key generation or signing failed, or a SAN is not a valid name.
-    pub fn server(&self, common_name: &str, sans: &[&str], days: i64) -> Result<CertKey, rcgen::Error> {
+    pub fn server(
+        &self,
+        common_name: &str,
+        sans: &[&str],
+        days: i64,
+    ) -> Result<CertKey, rcgen::Error> {
         let mut params =
             CertificateParams::new(sans.iter().map(|s| (*s).to_string()).collect::<Vec<_>>())?;
         let mut dn = DistinguishedName::new();

@@ -1,0 +1,395 @@
+//! The `apilb` binary as an operator runs it: `check` verdicts and exit codes, `run` with
+//! SIGTERM draining, accept backoff when out of file descriptors, and `demo`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn check(path: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .expect("run apilb check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn every_shipped_config_passes_check() {
+    let mut seen = 0;
+    for entry in
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).expect("config dir")
+    {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, out, err) = check(&path);
+            assert_eq!(code, 0, "{}: {err}", path.display());
+            assert!(out.contains("configuration is valid"), "{out}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no example config found");
+}
+
+/// (what is broken, config text, the line the error must name, text the message must hold)
+const BROKEN: &[(&str, &str, usize, &str)] = &[
+    ("syntax error", "[[pool]]\nname = \"p\nbalance = 1\n", 2, "t.toml:2:"),
+    ("unknown key", "[[pool]]\nname = \"p\"\nbalence = \"round-robin\"\n", 3, "unknown field `balence`"),
+    ("unknown pool", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"q\"\n", 8, "listener[0].pool: unknown pool \"q\""),
+    ("duplicate pool names", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:2\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n", 6, "pool[1].name: duplicate pool name"),
+    ("duplicate listen addresses", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:7001\"\npool = \"p\"\n[[listener]]\nname = \"b\"\nlisten = [\"127.0.0.1:7001\"]\npool = \"p\"\n", 11, "listener[1].listen: address 127.0.0.1:7001 is already used"),
+    ("bad duration", "[[pool]]\nname = \"p\"\nconnect_timeout = \"2 parsecs\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n", 3, "pool[0].connect_timeout: invalid duration"),
+    ("zero attempts", "[[pool]]\nname = \"p\"\nconnect_attempts = 0\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n", 3, "pool[0].connect_attempts: 0 is out of range"),
+    ("empty backends", "[[pool]]\nname = \"p\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n", 2, "pool[0].backend: pool \"p\" has no backends"),
+    ("unresolvable host", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"no-such-host.invalid:6443\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n", 4, "pool[0].backend[0].address: cannot resolve"),
+    ("port out of range", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:65536\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n", 4, "port out of range"),
+    ("listen host name", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"localhost:6443\"\npool = \"p\"\n", 7, "listener[0].listen: invalid listen address"),
+    ("terminate not built yet", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\nmode = \"terminate\"\n", 9, "not supported yet"),
+    ("no listener", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n", 0, "no [[listener]] is configured"),
+];
+
+#[test]
+fn check_rejects_broken_configs_naming_line_and_key() {
+    for (what, text, line, needle) in BROKEN {
+        let (_dir, path) = write_temp("t.toml", text);
+        let (code, _out, err) = check(&path);
+        assert_eq!(code, 2, "{what}: exit code, stderr: {err}");
+        assert!(err.contains(needle), "{what}: {needle:?} not in:\n{err}");
+        if *line > 0 {
+            assert!(
+                err.contains(&format!("t.toml:{line}:")),
+                "{what}: line {line} not named in:\n{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn check_on_a_missing_file_exits_2() {
+    let (code, _, err) = check(std::path::Path::new("/nonexistent/apilb.toml"));
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot read config file"), "{err}");
+}
+
+/// Starts `apilb run` with JSON logs; returns the child, the first listener address, and a
+/// channel of the remaining stderr lines.
+// The child is returned to the caller, which waits for it with `wait_exit`.
+#[allow(clippy::zombie_processes)]
+fn run_gateway(
+    config: &std::path::Path,
+    wrapper: &[&str],
+) -> (Child, SocketAddr, mpsc::Receiver<String>) {
+    let mut cmd = if wrapper.is_empty() {
+        Command::new(bin())
+    } else {
+        let mut c = Command::new(wrapper[0]);
+        c.args(&wrapper[1..]).arg(bin());
+        c
+    };
+    let mut child = cmd
+        .args(["run", "--log-format", "json", "--threads", "1", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn apilb run");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("gateway logged its listening address");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["message"] == "listening" {
+            let addrs = v["addrs"]
+                .as_str()
+                .expect("addrs field")
+                .trim_matches(|c| c == '[' || c == ']');
+            let addr = addrs
+                .split(',')
+                .next()
+                .expect("an address")
+                .trim()
+                .parse()
+                .expect("addr");
+            return (child, addr, rx);
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, secs: u64) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process {} did not exit within {secs}s", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_active_transfer_finish_then_exits_0() {
+    let sink = SinkServer::start().await;
+    let (_dir, path) = write_temp(
+        "apilb.toml",
+        &simple_config(&[sink.addr], "drain_timeout = \"20s\"", ""),
+    );
+    let (mut child, addr, logs) = run_gateway(&path, &[]);
+
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let seed = 77u64;
+    let down = 2 << 20;
+    let mut head = Vec::from(seed.to_le_bytes());
+    head.extend_from_slice(&(down as u64).to_le_bytes());
+    s.write_all(&head).await.expect("head");
+    let data = payload(5, 4 << 20);
+    let mut signalled = false;
+    for (i, chunk) in data.chunks(64 * 1024).enumerate() {
+        s.write_all(chunk).await.expect("write during drain");
+        if i == 8 {
+            signal(child.id(), "TERM");
+            signalled = true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(signalled);
+    // New connections are refused once the listener has closed.
+    let mut refused = false;
+    for _ in 0..100 {
+        if TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "still accepting after SIGTERM");
+    s.shutdown().await.expect("half-close");
+    let mut answer = Vec::new();
+    within(20, "answer", s.read_to_end(&mut answer))
+        .await
+        .expect("read answer");
+    assert_eq!(answer.len(), down + 32);
+    assert_eq!(&answer[down..], sha(&data), "upload changed in transit");
+    assert_eq!(
+        sha(&answer[..down]),
+        sha(&payload(seed, down)),
+        "download changed in transit"
+    );
+
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child, 20))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    let logs: Vec<String> = logs.try_iter().collect();
+    assert!(
+        logs.iter().any(|l| l.contains("drain finished")),
+        "{logs:#?}"
+    );
+    let access = logs
+        .iter()
+        .find(|l| l.contains("connection closed"))
+        .expect("access log line");
+    let v: serde_json::Value = serde_json::from_str(access).expect("json");
+    for field in [
+        "listener",
+        "client",
+        "backend",
+        "duration_ms",
+        "bytes_up",
+        "bytes_down",
+        "end",
+    ] {
+        assert!(!v[field].is_null(), "access log lacks {field}: {access}");
+    }
+    assert_eq!(v["end"], "client_closed");
+    assert_eq!(v["bytes_up"], 16 + (4 << 20));
+}
+
+/// /proc/PID/stat utime + stime, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = stat.rsplit_once(')').expect("comm").1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_backs_off_without_spinning_and_recovers() {
+    let echo = EchoServer::start().await;
+    let (_dir, path) = write_temp("apilb.toml", &simple_config(&[echo.addr], "", ""));
+    // A low descriptor limit for the gateway alone; prlimit execs it, so the PID is apilb's.
+    let (mut child, addr, logs) = run_gateway(&path, &["prlimit", "--nofile=48:48", "--"]);
+    let pid = child.id();
+
+    let mut held = Vec::new();
+    let mut refused_at = None;
+    for i in 0..60 {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .expect("the kernel queues the connection");
+        s.write_all(b"x").await.expect("write");
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await {
+            Ok(Ok(1)) => held.push(s),
+            _ => {
+                refused_at = Some(i);
+                held.push(s);
+                break;
+            }
+        }
+    }
+    let at = refused_at.expect("the descriptor limit was never reached");
+    assert!(at > 5, "ran out of descriptors too early ({at})");
+
+    // Out of descriptors with a connection waiting: the accept loop must sleep, not spin.
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 30,
+        "accept loop used {used} ticks of CPU in 1s while out of descriptors"
+    );
+
+    // Free the descriptors: the queued and new connections are served again.
+    held.clear();
+    let s = within(15, "served after recovery", async {
+        loop {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"y").await.expect("write");
+            let mut b = [0u8; 1];
+            if let Ok(Ok(1)) =
+                tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await
+            {
+                break s;
+            }
+        }
+    })
+    .await;
+    drop(s);
+    signal(pid, "TERM");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child, 40))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    let logs: Vec<String> = logs.try_iter().collect();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("accept failed") && l.contains("Too many open files")),
+        "no accept-error warning logged: {logs:#?}"
+    );
+}
+
+/// Reads the demo's stdout until its last line of instructions.
+fn demo_instructions(child: &mut Child) -> Vec<String> {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("demo printed no complete instructions: {lines:#?}"));
+        let done = line.contains("Ctrl-C");
+        lines.push(line);
+        if done {
+            return lines;
+        }
+    }
+}
+
+#[test]
+fn demo_prints_commands_that_work_and_exits_0_on_sigint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(bin())
+        .args(["demo", "--passthrough", "127.0.0.1:0", "--dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let lines = demo_instructions(&mut child);
+    let commands: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| l.starts_with("curl ") || l.starts_with("kubectl "))
+        .collect();
+    assert!(commands.len() >= 5, "{lines:#?}");
+    assert!(
+        !commands.iter().any(|c| c.contains('$')),
+        "commands must not need shell variables"
+    );
+
+    let sh = |c: &str| {
+        let out = Command::new("sh").args(["-c", c]).output().expect("sh");
+        assert!(
+            out.status.success(),
+            "{c}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let first = sh(commands[0]);
+    assert!(first.contains("\"user\":\"admin\""), "{first}");
+    assert!(first.contains("system:masters"), "{first}");
+    let kubectl = commands
+        .iter()
+        .find(|c| c.starts_with("kubectl") && c.contains("/whoami"))
+        .expect("kubectl line");
+    assert!(sh(kubectl).contains("\"user\":\"admin\""));
+    let token = commands
+        .iter()
+        .find(|c| c.contains("Bearer"))
+        .expect("token line");
+    assert!(sh(token).contains("demo-user"));
+
+    signal(child.id(), "INT");
+    assert_eq!(wait_exit(&mut child, 20), 0);
+    assert!(dir.path().join("apilb.toml").exists());
+}
+
+#[test]
+fn demo_on_a_taken_port_names_the_flag() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let out = Command::new(bin())
+        .args(["demo", "--passthrough", &addr.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run demo");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("--passthrough {addr}")), "{err}");
+}
