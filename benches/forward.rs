@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_main, Criterion, Throughput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
@@ -84,5 +84,10 @@ fn pingpong(c: &mut Criterion) {
     stop.cancel();
 }
 
-criterion_group!(benches, bulk, pingpong);
-criterion_main!(benches);
+// The macros generate undocumented items.
+#[allow(missing_docs)]
+mod groups {
+    use super::{bulk, pingpong};
+    criterion::criterion_group!(benches, bulk, pingpong);
+}
+criterion_main!(groups::benches);

@@ -1,6 +1,6 @@
 //! One proxied connection, from accepted socket to access-log line.
 //!
-//! [`serve`] runs in its own task: it picks a backend with the listener's pool, connects
+//! `serve` runs in its own task: it picks a backend with the listener's pool, connects
 //! (retrying other backends up to `connect_attempts`, each attempt bounded by
 //! `connect_timeout`), relays bytes both ways with [`relay`] until both directions are done,
 //! and writes one log line with the close reason. The snapshot it was handed at accept time

@@ -3,7 +3,7 @@
 //! Owns binding (socket2: `SO_REUSEADDR`, `IPV6_V6ONLY` so `0.0.0.0:p` and `[::]:p` can be
 //! separate listeners, a deep backlog), the accept loop with its error backoff, and the
 //! `max_connections` admission check. Each accepted connection is handed to
-//! [`crate::forward::serve`] in its own task with the listener's current
+//! `forward::serve` in its own task with the listener's current
 //! [`ListenerState`], loaded once from an `ArcSwap` so a reload affects new connections only.
 //! The loop never awaits anything but `accept` and its stop signal, so a slow client or
 //! backend can never hold it up.
