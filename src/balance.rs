@@ -7,12 +7,13 @@
 //! already tried excluded, so every attempt follows the same algorithm.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use prometheus::IntCounter;
 
-use crate::config::{BackendConfig, Balance, PoolConfig};
+use crate::config::{BackendConfig, Balance, PoolConfig, WhenAllDown};
+use crate::health::BackendHealth;
 use crate::metrics::{BackendMetrics, Metrics};
 
 // === Backend ===
@@ -31,17 +32,23 @@ pub struct Backend {
     /// Metric handles; `metrics.active` is also the least-conn load figure, so the count of
     /// open connections exists exactly once.
     pub metrics: BackendMetrics,
+    /// Health state; the data path reads one atomic flag of it.
+    pub health: BackendHealth,
 }
 
 impl Backend {
     /// Builds a backend with its metric handles resolved.
     pub fn new(pool: &str, cfg: &BackendConfig, metrics: &Metrics) -> Self {
+        let metrics = metrics.backend(pool, &cfg.name);
+        // Healthy until the first check ends, so the gateway serves from its first second.
+        metrics.healthy.set(1);
         Self {
             name: cfg.name.clone(),
             address: cfg.address.clone(),
             addr: cfg.addr,
             weight: cfg.weight.max(1),
-            metrics: metrics.backend(pool, &cfg.name),
+            metrics,
+            health: BackendHealth::new(true),
         }
     }
 
@@ -89,6 +96,8 @@ pub struct Pool {
     total_weight: usize,
     /// Counted when a connection is routed while no backend is healthy.
     pub fail_open: IntCounter,
+    /// Set while all backends are down and the warning for this episode was logged.
+    all_down_warned: AtomicBool,
 }
 
 impl Pool {
@@ -113,14 +122,38 @@ impl Pool {
             backends,
             cursor: AtomicUsize::new(0),
             total_weight,
+            all_down_warned: AtomicBool::new(false),
         }
     }
 
-    /// Picks a backend for a new connection, skipping the indexes in `tried`.
+    /// Picks a healthy backend for a new connection, skipping the indexes in `tried`.
     ///
-    /// Returns the index into [`Pool::backends`], or `None` when every backend was tried.
+    /// When no backend is healthy, `when_all_down` decides: `fail-open` picks among all of
+    /// them (counted, and warned about once per episode), `reject` picks none. Returns the
+    /// index into [`Pool::backends`], or `None`.
     pub fn pick(&self, tried: &[usize]) -> Option<usize> {
-        let ok = |i: usize| !tried.contains(&i);
+        if self.backends.iter().any(|b| b.health.is_healthy()) {
+            if self.all_down_warned.swap(false, Ordering::Relaxed) {
+                tracing::info!(pool = %self.cfg.name, "a backend is healthy again; fail-open ended");
+            }
+            return self
+                .pick_among(|i| !tried.contains(&i) && self.backends[i].health.is_healthy());
+        }
+        match self.cfg.when_all_down {
+            WhenAllDown::Reject => None,
+            WhenAllDown::FailOpen => {
+                if tried.is_empty() {
+                    self.fail_open.inc();
+                    if !self.all_down_warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(pool = %self.cfg.name, "no backend is healthy: routing among all of them (when_all_down = fail-open)");
+                    }
+                }
+                self.pick_among(|i| !tried.contains(&i))
+            }
+        }
+    }
+
+    fn pick_among(&self, ok: impl Fn(usize) -> bool) -> Option<usize> {
         match self.cfg.balance {
             Balance::LeastConn => self.least_conn(ok),
             Balance::RoundRobin => self.round_robin(ok),
@@ -227,6 +260,8 @@ mod tests {
                     weight: w,
                 })
                 .collect(),
+            health: Default::default(),
+            tls: None,
         };
         Pool::new(Arc::new(cfg), &Metrics::new(), &[])
     }

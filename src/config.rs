@@ -142,8 +142,83 @@ pub enum WhenAllDown {
     Reject,
 }
 
+/// What a health check does (SPEC §3, Health checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// A full TLS handshake, verified against `[pool.tls]`, closed with close_notify.
+    Tls,
+    /// The TLS handshake plus `GET path`, passing on a status in `expect_status`.
+    Https,
+}
+
+impl CheckKind {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+            Self::Https => "https",
+        }
+    }
+}
+
+/// `[pool.health]`: how each backend of a pool is checked.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// The kind of check.
+    pub check: CheckKind,
+    /// Path requested by `https` checks.
+    pub path: String,
+    /// Statuses that pass an `https` check.
+    pub expect_status: Vec<u16>,
+    /// Time between checks of one backend (a little jitter is added).
+    pub interval: Duration,
+    /// Time one check may take.
+    pub timeout: Duration,
+    /// Consecutive passes that make an unhealthy backend healthy.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub fall: u32,
+    /// Identity presented by health checks only (never on proxied connections).
+    pub client_cert: Option<PathBuf>,
+    /// Key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// The TLS client configuration of `tls`/`https` checks, built and validated at load.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            check: CheckKind::Tcp,
+            path: "/readyz".into(),
+            expect_status: vec![200],
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            client_cert: None,
+            client_key: None,
+            tls: None,
+        }
+    }
+}
+
+/// `[pool.tls]`: how the gateway verifies its backends' certificates.
+#[derive(Debug, Clone)]
+pub struct PoolTlsConfig {
+    /// The CA bundle file (several CAs during a rotation).
+    pub ca: PathBuf,
+    /// The trust anchors read from `ca`.
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Name checked in backend certificates; `None`: the backend's host.
+    pub server_name: Option<String>,
+}
+
 /// `[[pool]]`: a named set of backends and how to reach them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct PoolConfig {
     /// Unique name, used by listeners and in metrics.
     pub name: String,
@@ -159,6 +234,10 @@ pub struct PoolConfig {
     pub drain_timeout: Duration,
     /// Backends in file order; addresses are unique within the pool.
     pub backends: Vec<BackendConfig>,
+    /// Health checking.
+    pub health: HealthConfig,
+    /// Backend TLS verification, when configured.
+    pub tls: Option<PoolTlsConfig>,
 }
 
 /// `[[pool.backend]]`: one apiserver.
@@ -239,8 +318,29 @@ struct FilePool {
     // Keys of features that are specified but not built yet: accepted by the parser only so
     // that the error can say "not supported yet" instead of "unknown field".
     slow_start: Option<Spanned<toml::Value>>,
-    health: Option<Spanned<toml::Value>>,
-    tls: Option<Spanned<toml::Value>>,
+    health: Option<Spanned<FileHealth>>,
+    tls: Option<Spanned<FilePoolTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHealth {
+    check: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    expect_status: Option<Spanned<Vec<i64>>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePoolTls {
+    ca: Spanned<String>,
+    server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -622,8 +722,9 @@ impl Validator<'_> {
         );
         let connect_attempts = NonZeroU32::new(attempts).unwrap_or(NonZeroU32::MIN);
         self.not_yet(p.slow_start.as_ref(), &k("slow_start"), "slow_start");
-        self.not_yet(p.health.as_ref(), &k("health"), "[pool.health]");
-        self.not_yet(p.tls.as_ref(), &k("tls"), "[pool.tls]");
+        let tls = p.tls.map(|t| self.pool_tls(i, t));
+        let health = self.health(i, p.health, tls.as_ref());
+        let tls = tls.flatten();
 
         if p.backend.is_empty() {
             self.error(
@@ -684,9 +785,262 @@ impl Validator<'_> {
                 when_all_down,
                 drain_timeout,
                 backends,
+                health,
+                tls,
             },
             p.name.span(),
         ))
+    }
+
+    /// A path from the config, relative to the config file's folder.
+    fn path(&self, s: &str) -> PathBuf {
+        let p = Path::new(s.trim());
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.file.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    /// Reads a file named by the config, reporting a failure against its key.
+    fn read(&mut self, v: &Spanned<String>, key: &str) -> Option<(PathBuf, Vec<u8>)> {
+        let path = self.path(v.get_ref());
+        match std::fs::read(&path) {
+            Ok(b) => Some((path, b)),
+            Err(e) => {
+                self.error(
+                    v.span(),
+                    key,
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    }
+
+    /// `[pool.tls]`; `Some(None)` when present but broken (already reported).
+    fn pool_tls(&mut self, i: usize, t: Spanned<FilePoolTls>) -> Option<PoolTlsConfig> {
+        let t = t.into_inner();
+        let key = format!("pool[{i}].tls.ca");
+        let (ca, pem) = self.read(&t.ca, &key)?;
+        let roots = match crate::tls::roots_from_pem(&pem, &ca.display().to_string()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.error(
+                    t.ca.span(),
+                    &key,
+                    format!("{e}: expected a PEM bundle of one or more CA certificates"),
+                );
+                return None;
+            }
+        };
+        let server_name = match t.server_name {
+            Some(n) => {
+                let name = n.get_ref().trim().to_string();
+                if rustls::pki_types::ServerName::try_from(name.clone()).is_err() {
+                    self.error(
+                        n.span(),
+                        format!("pool[{i}].tls.server_name"),
+                        format!("{name:?} is not a valid DNS name or IP address"),
+                    );
+                }
+                Some(name)
+            }
+            None => None,
+        };
+        Some(PoolTlsConfig {
+            ca,
+            roots: Arc::new(roots),
+            server_name,
+        })
+    }
+
+    fn health(
+        &mut self,
+        i: usize,
+        h: Option<Spanned<FileHealth>>,
+        tls: Option<&Option<PoolTlsConfig>>,
+    ) -> HealthConfig {
+        let d = HealthConfig::default();
+        let Some(h) = h else { return d };
+        let span = h.span();
+        let h = h.into_inner();
+        let k = |key: &str| format!("pool[{i}].health.{key}");
+        let check = match h.check.as_ref().map(|c| (c.get_ref().as_str(), c.span())) {
+            None | Some(("tcp", _)) => CheckKind::Tcp,
+            Some(("tls", _)) => CheckKind::Tls,
+            Some(("https", _)) => CheckKind::Https,
+            Some((other, span)) => {
+                self.error(
+                    span,
+                    k("check"),
+                    format!("unknown check {other:?}: expected \"tcp\", \"tls\" or \"https\""),
+                );
+                CheckKind::Tcp
+            }
+        };
+        let interval = self.duration(h.interval.as_ref(), &k("interval"), d.interval);
+        let timeout = self.duration(h.timeout.as_ref(), &k("timeout"), d.timeout);
+        if timeout >= interval {
+            let span = h
+                .timeout
+                .as_ref()
+                .or(h.interval.as_ref())
+                .map_or(span.clone(), Spanned::span);
+            self.error(
+                span,
+                k("timeout"),
+                format!(
+                    "timeout ({}) must be shorter than interval ({})",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(interval)
+                ),
+            );
+        }
+        let rise = self.int_in(h.rise.as_ref(), &k("rise"), 1..=100, d.rise);
+        let fall = self.int_in(h.fall.as_ref(), &k("fall"), 1..=100, d.fall);
+        let path = match &h.path {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                self.error(
+                    p.span(),
+                    k("path"),
+                    format!("{:?} must start with /", p.get_ref()),
+                );
+                d.path.clone()
+            }
+            Some(p) => p.get_ref().clone(),
+            None => d.path.clone(),
+        };
+        let expect_status = match &h.expect_status {
+            Some(v) if v.get_ref().is_empty() => {
+                self.error(
+                    v.span(),
+                    k("expect_status"),
+                    "expected at least one HTTP status",
+                );
+                d.expect_status
+            }
+            Some(v) => v
+                .get_ref()
+                .iter()
+                .filter_map(|&s| match u16::try_from(s) {
+                    Ok(s) if (100..=599).contains(&s) => Some(s),
+                    _ => {
+                        self.error(
+                            v.span(),
+                            k("expect_status"),
+                            format!("{s} is not an HTTP status: expected 100 to 599"),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            None => d.expect_status,
+        };
+        if check == CheckKind::Tcp && (h.path.is_some() || h.expect_status.is_some()) {
+            self.error(
+                span.clone(),
+                k("check"),
+                "path and expect_status apply to https checks only: set check = \"https\"",
+            );
+        }
+        let pool_tls = match tls {
+            Some(Some(t)) => Some(t),
+            Some(None) => None, // broken [pool.tls], already reported
+            None => {
+                if check != CheckKind::Tcp {
+                    self.error(span.clone(), k("check"), format!(
+                        "check = \"{}\" verifies the backends' certificates and needs [pool.tls] with ca",
+                        check.as_str()
+                    ));
+                }
+                None
+            }
+        };
+        let identity = match (&h.client_cert, &h.client_key) {
+            (Some(c), Some(key)) => self.identity(c, key, &k("client_cert"), &k("client_key")),
+            (Some(c), None) => {
+                self.error(c.span(), k("client_key"), "client_cert needs client_key");
+                None
+            }
+            (None, Some(key)) => {
+                self.error(key.span(), k("client_cert"), "client_key needs client_cert");
+                None
+            }
+            (None, None) => None,
+        };
+        if identity.is_some() && check == CheckKind::Tcp {
+            self.error(
+                span.clone(),
+                k("client_cert"),
+                "a client certificate is only used by tls and https checks",
+            );
+        }
+        let tls = match (check, pool_tls) {
+            (CheckKind::Tls | CheckKind::Https, Some(t)) => {
+                match crate::tls::client_config(
+                    t.roots.clone(),
+                    identity,
+                    check == CheckKind::Https,
+                ) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        self.error(span, k("client_cert"), e.to_string());
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        HealthConfig {
+            check,
+            path,
+            expect_status,
+            interval,
+            timeout,
+            rise,
+            fall,
+            client_cert: h.client_cert.map(|c| self.path(c.get_ref())),
+            client_key: h.client_key.map(|c| self.path(c.get_ref())),
+            tls,
+        }
+    }
+
+    /// Loads a certificate and key pair and checks that they belong together.
+    fn identity(
+        &mut self,
+        cert: &Spanned<String>,
+        key: &Spanned<String>,
+        cert_key: &str,
+        key_key: &str,
+    ) -> Option<crate::tls::Identity> {
+        let (cert_path, cert_pem) = self.read(cert, cert_key)?;
+        let (key_path, key_pem) = self.read(key, key_key)?;
+        let chain = match crate::tls::certs_from_pem(&cert_pem, &cert_path.display().to_string()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.error(cert.span(), cert_key, e.to_string());
+                return None;
+            }
+        };
+        let pk = match crate::tls::key_from_pem(&key_pem, &key_path.display().to_string()) {
+            Ok(k) => k,
+            Err(e) => {
+                self.error(key.span(), key_key, e.to_string());
+                return None;
+            }
+        };
+        match crate::tls::Identity::new(chain, pk) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                self.error(
+                    key.span(),
+                    key_key,
+                    format!("{} and {}: {e}", cert_path.display(), key_path.display()),
+                );
+                None
+            }
+        }
     }
 
     /// Resolves `IP:port` or `host:port` once, at load (and reload) time.

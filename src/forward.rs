@@ -191,11 +191,14 @@ async fn connect(
                 ),
             };
         backend.metrics.connect_errors.inc();
+        // Passive health: a failed connect counts like a failed check (a success does not
+        // count as a pass: an accepting socket says little about a hung apiserver).
+        crate::health::record(pool, backend, false, &format!("connect failed: {err}"));
         let msg = format!("connect to {} ({}): {err}", backend.name, backend.addr);
         tracing::debug!(listener, client = %client, backend = %backend.name, error = %err, "backend connect failed, trying another");
         last_error = Some(msg);
     }
-    Err(last_error.or_else(|| Some("no backend available".into())))
+    Err(last_error.or_else(|| Some("no healthy backend (when_all_down = \"reject\")".into())))
 }
 
 // === The copy loop ===

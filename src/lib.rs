@@ -29,6 +29,7 @@ pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod shutdown;
@@ -99,6 +100,7 @@ pub struct BoundListener {
 #[derive(Debug)]
 pub struct Handle {
     listeners: Vec<BoundListener>,
+    pools: Vec<Arc<Pool>>,
     metrics: Arc<Metrics>,
     phase: watch::Receiver<Phase>,
     done: tokio::task::JoinHandle<ShutdownReport>,
@@ -116,6 +118,22 @@ impl Handle {
             .iter()
             .find(|l| l.name == name)
             .and_then(|l| l.addrs.first().copied())
+    }
+
+    /// The pools as the data path sees them (backends with their health and counters).
+    pub fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
+    }
+
+    /// The health status of backend `backend` of pool `pool`.
+    pub fn backend_status(&self, pool: &str, backend: &str) -> Option<health::Status> {
+        self.pools
+            .iter()
+            .find(|p| p.cfg.name == pool)?
+            .backends
+            .iter()
+            .find(|b| b.name == backend)
+            .map(|b| b.health.status())
     }
 
     /// The gateway's metrics.
@@ -199,6 +217,9 @@ impl Gateway {
                 addrs,
             });
         }
+        for pool in &pools {
+            health::spawn(pool, &stop);
+        }
         let accept_tasks: Vec<_> = loops.into_iter().map(|l| tokio::spawn(l.run())).collect();
 
         let drain_deadline = cfg
@@ -244,6 +265,7 @@ impl Gateway {
 
         Ok(Handle {
             listeners: bound,
+            pools,
             metrics,
             phase,
             done,

@@ -6,7 +6,10 @@
 //! ([`ListenerMetrics`], [`BackendMetrics`]). Byte counters are added once per connection,
 //! at its end, not per read.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
 
 /// `apilb_listener_connections_total{listener}`
 pub const LISTENER_CONNECTIONS: &str = "apilb_listener_connections_total";
@@ -24,6 +27,12 @@ pub const BACKEND_ACTIVE: &str = "apilb_backend_active_connections";
 pub const BACKEND_CONNECT_ERRORS: &str = "apilb_backend_connect_errors_total";
 /// `apilb_backend_bytes_total{pool,backend,direction}`
 pub const BACKEND_BYTES: &str = "apilb_backend_bytes_total";
+/// `apilb_backend_healthy{pool,backend}`
+pub const BACKEND_HEALTHY: &str = "apilb_backend_healthy";
+/// `apilb_health_checks_total{pool,backend,result}`
+pub const HEALTH_CHECKS: &str = "apilb_health_checks_total";
+/// `apilb_health_check_duration_seconds{pool,backend}`
+pub const HEALTH_CHECK_DURATION: &str = "apilb_health_check_duration_seconds";
 /// `apilb_pool_fail_open_total{pool}`
 pub const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 
@@ -45,6 +54,9 @@ pub struct Metrics {
     backend_connect_errors: IntCounterVec,
     backend_bytes: IntCounterVec,
     pool_fail_open: IntCounterVec,
+    backend_healthy: IntGaugeVec,
+    health_checks: IntCounterVec,
+    health_check_duration: HistogramVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -130,6 +142,31 @@ impl Metrics {
                 "Connections routed while no backend of the pool was healthy.",
                 &["pool"],
             ),
+            backend_healthy: gauge(
+                &r,
+                BACKEND_HEALTHY,
+                "1 while the backend is healthy (gets new connections), else 0.",
+                &["pool", "backend"],
+            ),
+            health_checks: counter(
+                &r,
+                HEALTH_CHECKS,
+                "Active health checks, by result (pass, fail).",
+                &["pool", "backend", "result"],
+            ),
+            health_check_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(HEALTH_CHECK_DURATION, "Time one health check took.")
+                        .buckets(vec![
+                            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        ]),
+                    &["pool", "backend"],
+                )
+                .expect("metric names and labels are static and valid");
+                r.register(Box::new(h.clone()))
+                    .expect("each metric is registered once");
+                h
+            },
             registry: r,
         }
     }
@@ -174,6 +211,16 @@ impl Metrics {
             bytes_down: self
                 .backend_bytes
                 .with_label_values(&[pool, backend, "down"]),
+            healthy: self.backend_healthy.with_label_values(&[pool, backend]),
+            checks_pass: self
+                .health_checks
+                .with_label_values(&[pool, backend, "pass"]),
+            checks_fail: self
+                .health_checks
+                .with_label_values(&[pool, backend, "fail"]),
+            check_duration: self
+                .health_check_duration
+                .with_label_values(&[pool, backend]),
         }
     }
 
@@ -211,4 +258,12 @@ pub struct BackendMetrics {
     pub bytes_up: IntCounter,
     /// Backend to client bytes.
     pub bytes_down: IntCounter,
+    /// 1 while healthy.
+    pub healthy: IntGauge,
+    /// Passed active checks.
+    pub checks_pass: IntCounter,
+    /// Failed active checks.
+    pub checks_fail: IntCounter,
+    /// Duration of active checks.
+    pub check_duration: Histogram,
 }

@@ -92,3 +92,47 @@ pub fn roots_from_pem(pem: &[u8], what: &str) -> Result<RootCertStore, TlsError>
     }
     Ok(roots)
 }
+
+/// A certificate chain with its private key, checked to belong together.
+#[derive(Debug)]
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// Pairs a chain with its key.
+    ///
+    /// # Errors
+    /// The key cannot be used, or does not match the first certificate.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, rustls::Error> {
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())?;
+        Ok(Self { chain, key })
+    }
+}
+
+/// A TLS client configuration trusting `roots`, presenting `identity` when given, and
+/// offering HTTP/1.1 by ALPN when `http1` is set. TLS 1.2 and 1.3 only.
+///
+/// # Errors
+/// rustls refused the identity.
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    identity: Option<Identity>,
+    http1: bool,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain, id.key)?,
+        None => builder.with_no_client_auth(),
+    };
+    if http1 {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    Ok(Arc::new(config))
+}

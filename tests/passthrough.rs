@@ -258,7 +258,7 @@ async fn spread(balance: &str, hold: bool) -> Vec<usize> {
     let addrs: Vec<SocketAddr> = echos.iter().map(|e| e.addr).collect();
     let gw = gateway(&simple_config(
         &addrs,
-        &format!("balance = \"{balance}\""),
+        &format!("balance = \"{balance}\"\n[pool.health]\ninterval = \"1h\""),
         "",
     ))
     .await;
@@ -270,9 +270,21 @@ async fn spread(balance: &str, hold: bool) -> Vec<usize> {
             held.push(s);
         }
     }
+    // What each backend accepted, less the gateway's TCP health checks.
     let counts: Vec<usize> = echos
         .iter()
-        .map(|e| e.accepted.load(std::sync::atomic::Ordering::SeqCst))
+        .enumerate()
+        .map(|(i, e)| {
+            let b = format!("b{i}");
+            let checks = gw.metric(
+                "apilb_health_checks_total",
+                &[("pool", "p"), ("backend", &b), ("result", "pass")],
+            ) + gw.metric(
+                "apilb_health_checks_total",
+                &[("pool", "p"), ("backend", &b), ("result", "fail")],
+            );
+            e.accepted.load(std::sync::atomic::Ordering::SeqCst) - checks as usize
+        })
         .collect();
     for (i, &c) in counts.iter().enumerate() {
         let m = gw.metric(
@@ -316,14 +328,33 @@ async fn random_two_stays_within_bounds() {
 
 #[tokio::test]
 async fn refused_and_silent_backends_are_skipped() {
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = pki.write_to(dir.path()).expect("PKI");
     let echo = EchoServer::start().await;
     let hole = Blackhole::new();
     let closed = closed_port();
+    // A TLS check fails on all three (two are dead, the echo server speaks no TLS), so the
+    // pool fails open and the connect retry alone has to find the one that answers.
     let gw = gateway(&simple_config(
         &[closed, hole.addr, echo.addr],
-        "balance = \"round-robin\"\nconnect_timeout = \"500ms\"\nconnect_attempts = 3",
+        &format!(
+            "balance = \"round-robin\"\nconnect_timeout = \"500ms\"\nconnect_attempts = 3\n\
+             [pool.health]\ncheck = \"tls\"\ninterval = \"1h\"\ntimeout = \"300ms\"\n\
+             [pool.tls]\nca = \"{}\"\n",
+            files.ca.display()
+        ),
         "",
     ))
+    .await;
+    within(10, "first checks", async {
+        while ["b0", "b1", "b2"]
+            .iter()
+            .any(|b| gw.metric("apilb_backend_healthy", &[("pool", "p"), ("backend", b)]) == 1.0)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
     .await;
     // Round-robin starts at b0 (refused), then b1 (silent), then b2 (serves).
     let started = Instant::now();
@@ -346,6 +377,10 @@ async fn refused_and_silent_backends_are_skipped() {
         )
     };
     assert_eq!((errs("b0"), errs("b1"), errs("b2")), (1.0, 1.0, 0.0));
+    assert_eq!(
+        gw.metric("apilb_pool_fail_open_total", &[("pool", "p")]),
+        1.0
+    );
     drop(s);
     gw.shutdown().await;
 }
@@ -404,7 +439,14 @@ async fn max_connections_refuses_the_next_connection_and_counts_it() {
         ),
         1.0
     );
-    assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(
+        gw.metric(
+            "apilb_backend_connections_total",
+            &[("pool", "p"), ("backend", "b0")]
+        ),
+        2.0,
+        "the refused connection reached the backend"
+    );
 
     // A freed slot is usable again.
     drop(a);

@@ -218,15 +218,77 @@ fn port_out_of_range_is_reported() {
 }
 
 #[test]
-fn later_features_say_not_supported_yet() {
+fn health_settings_are_validated() {
+    let with = |health: &str| {
+        GOOD.replace(
+            "drain_timeout = \"10s\"",
+            &format!("drain_timeout = \"10s\"\n  [pool.health]\n{health}"),
+        )
+    };
+    let errs = errors(&with("  check = \"https\""));
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "pool[0].health.check" && e.message.contains("needs [pool.tls]")),
+        "{errs:#?}"
+    );
+    let errs = errors(&with("  interval = \"1s\"\n  timeout = \"1s\""));
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "pool[0].health.timeout"
+                && e.message.contains("shorter than interval")),
+        "{errs:#?}"
+    );
+    let errs = errors(&with("  rise = 0"));
+    assert!(
+        errs.iter().any(|e| e.key == "pool[0].health.rise"),
+        "{errs:#?}"
+    );
+    let errs = errors(&with("  check = \"icmp\""));
+    assert!(
+        errs.iter()
+            .any(|e| e.message.contains("unknown check \"icmp\"")),
+        "{errs:#?}"
+    );
+    let c = parse(
+        Path::new("t.toml"),
+        &with("  interval = \"5s\"\n  fall = 1"),
+    )
+    .expect("valid");
+    assert_eq!(
+        (
+            c.pools[0].health.interval,
+            c.pools[0].health.fall,
+            c.pools[0].health.rise
+        ),
+        (Duration::from_secs(5), 1, 2)
+    );
+}
+
+#[test]
+fn pool_tls_files_must_exist() {
     let text = GOOD.replace(
         "drain_timeout = \"10s\"",
-        "drain_timeout = \"10s\"\n  [pool.health]\n  check = \"https\"",
+        "drain_timeout = \"10s\"\n  [pool.tls]\n  ca = \"/nonexistent/ca.pem\"",
     );
     let errs = errors(&text);
     assert!(
         errs.iter()
-            .any(|e| e.key == "pool[0].health" && e.message.contains("not supported yet")),
+            .any(|e| e.key == "pool[0].tls.ca"
+                && e.message.contains("cannot read /nonexistent/ca.pem")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn later_features_say_not_supported_yet() {
+    let text = GOOD.replace(
+        "drain_timeout = \"10s\"",
+        "drain_timeout = \"10s\"\nslow_start = \"30s\"",
+    );
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "pool[0].slow_start" && e.message.contains("not supported yet")),
         "{errs:#?}"
     );
     let text = GOOD.replace(

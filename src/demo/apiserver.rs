@@ -80,6 +80,9 @@ pub struct ApiServerOptions {
     pub tokens: Vec<(String, Identity)>,
     /// Time between events of the watch stream.
     pub watch_interval: Duration,
+    /// Whether callers without credentials are served (`--anonymous-auth`); when off they
+    /// get 401 on every path, health endpoints included.
+    pub anonymous: bool,
 }
 
 /// Failure to start a simulated apiserver.
@@ -113,6 +116,7 @@ struct Shared {
     requests: AtomicU64,
     tokens: Vec<(String, Identity)>,
     watch_interval: Duration,
+    anonymous: bool,
 }
 
 /// A running simulated apiserver; stops when dropped.
@@ -195,6 +199,7 @@ impl ApiServer {
             requests: AtomicU64::new(0),
             tokens: opts.tokens,
             watch_interval: opts.watch_interval,
+            anonymous: opts.anonymous,
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(
@@ -361,7 +366,8 @@ fn route(req: &Request<Incoming>, shared: &Shared, cert: Option<&Identity>) -> R
         },
         None => match cert {
             Some(id) => (id.clone(), "x509"),
-            None => (Identity::anonymous(), "anonymous"),
+            None if shared.anonymous => (Identity::anonymous(), "anonymous"),
+            None => return status_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized"),
         },
     };
     let query = req.uri().query().unwrap_or("");

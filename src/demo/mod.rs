@@ -117,6 +117,7 @@ pub async fn run(
                     },
                 )],
                 watch_interval: Duration::from_secs(1),
+                anonymous: true,
             })
             .await?,
         );

@@ -50,6 +50,7 @@ pub async fn apiservers(pki: &Pki, n: usize, ip: &str) -> Vec<ApiServer> {
                     },
                 )],
                 watch_interval: Duration::from_millis(50),
+                anonymous: true,
             })
             .await
             .expect("start apiserver"),
@@ -441,4 +442,38 @@ pub fn signal(pid: u32, sig: &str) {
         .expect("run kill")
         .success();
     assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// One simulated apiserver with a chosen serving certificate and anonymous-auth setting.
+pub async fn apiserver_with(
+    name: &str,
+    listen: SocketAddr,
+    serving: &CertKey,
+    client_ca_pem: &str,
+    anonymous: bool,
+) -> ApiServer {
+    ApiServer::start(ApiServerOptions {
+        name: name.into(),
+        listen,
+        cert_pem: serving.cert_pem.clone(),
+        key_pem: serving.key_pem.clone(),
+        client_ca_pem: client_ca_pem.into(),
+        tokens: Vec::new(),
+        watch_interval: Duration::from_millis(50),
+        anonymous,
+    })
+    .await
+    .expect("start apiserver")
+}
+
+/// Polls `cond` every 20 ms until it holds; panics after `secs`.
+pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    within(secs, what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    started.elapsed()
 }
