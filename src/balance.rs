@@ -133,7 +133,10 @@ impl Pool {
     /// index into [`Pool::backends`], or `None`.
     pub fn pick(&self, tried: &[usize]) -> Option<usize> {
         if self.backends.iter().any(|b| b.health.is_healthy()) {
-            if self.all_down_warned.swap(false, Ordering::Relaxed) {
+            // Load before swap: the common case reads a shared line instead of writing it.
+            if self.all_down_warned.load(Ordering::Relaxed)
+                && self.all_down_warned.swap(false, Ordering::Relaxed)
+            {
                 tracing::info!(pool = %self.cfg.name, "a backend is healthy again; fail-open ended");
             }
             return self
