@@ -7,14 +7,22 @@
 //! already tried excluded, so every attempt follows the same algorithm.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 
 use crate::config::{BackendConfig, Balance, PoolConfig, WhenAllDown};
 use crate::health::BackendHealth;
 use crate::metrics::{BackendMetrics, Metrics};
+
+/// Milliseconds on a process-wide monotonic clock.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
 
 // === Backend ===
 
@@ -34,6 +42,8 @@ pub struct Backend {
     pub metrics: BackendMetrics,
     /// Health state; the data path reads one atomic flag of it.
     pub health: BackendHealth,
+    /// When the slow-start ramp began, as [`now_ms`] + 1; 0 while not ramping.
+    ramp_start: AtomicU64,
 }
 
 impl Backend {
@@ -49,7 +59,31 @@ impl Backend {
             weight: cfg.weight.max(1),
             metrics,
             health: BackendHealth::new(true),
+            ramp_start: AtomicU64::new(0),
         }
+    }
+
+    /// Starts the slow-start ramp now (the backend just turned healthy again).
+    pub fn start_ramp(&self) {
+        self.ramp_start.store(now_ms() + 1, Ordering::Relaxed);
+    }
+
+    /// The share of its weight the backend gets at `now` (0.1 to 1.0 over `window`).
+    fn ramp_factor(&self, window: Duration, now: u64) -> f64 {
+        let start = self.ramp_start.load(Ordering::Relaxed);
+        if start == 0 {
+            return 1.0;
+        }
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+        let elapsed = now.saturating_sub(start - 1);
+        if elapsed >= window_ms {
+            // Ramp over: stop paying for the clock on every pick.
+            let _ =
+                self.ramp_start
+                    .compare_exchange(start, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return 1.0;
+        }
+        0.1 + 0.9 * (elapsed as f64 / window_ms as f64)
     }
 
     /// Connections open to (or being opened to) this backend.
@@ -157,11 +191,89 @@ impl Pool {
     }
 
     fn pick_among(&self, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        // The clock is read only while some backend has a ramp on record, and a ramp that
+        // has ended is cleared here, so exact selection resumes on the very next pick.
+        if !self.cfg.slow_start.is_zero()
+            && self
+                .backends
+                .iter()
+                .any(|b| b.ramp_start.load(Ordering::Relaxed) != 0)
+        {
+            let now = now_ms();
+            if self
+                .backends
+                .iter()
+                .any(|b| b.ramp_factor(self.cfg.slow_start, now) < 1.0)
+            {
+                return self.pick_ramping(ok, now);
+            }
+        }
         match self.cfg.balance {
             Balance::LeastConn => self.least_conn(ok),
             Balance::RoundRobin => self.round_robin(ok),
             Balance::RandomTwo => self.random_two(ok),
         }
+    }
+
+    /// Selection while a backend ramps up (SPEC §3: its weight grows linearly from 10% to
+    /// 100% over `slow_start`, for every algorithm). Exact round-robin cannot express a
+    /// fractional weight, so this path trades it for weighted random choices; it only runs
+    /// during a ramp.
+    fn pick_ramping(&self, ok: impl Fn(usize) -> bool, now: u64) -> Option<usize> {
+        let w = |i: usize| {
+            let b = &self.backends[i];
+            f64::from(b.weight) * b.ramp_factor(self.cfg.slow_start, now)
+        };
+        match self.cfg.balance {
+            // Least-conn on (active + u) / weight with u uniform in [0, 1): a ramping backend
+            // may hold only its growing share of the open connections, and with short
+            // connections (all loads zero) it wins in proportion to its weight instead of
+            // never or always.
+            Balance::LeastConn => (0..self.backends.len())
+                .filter(|&i| ok(i))
+                .map(|i| {
+                    let load = self.backends[i].active() as f64 + rand::random::<f64>();
+                    (i, load / w(i))
+                })
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(i, _)| i),
+            Balance::RoundRobin => self.weighted_random(&ok, &w, None),
+            Balance::RandomTwo => {
+                let a = self.weighted_random(&ok, &w, None)?;
+                let Some(b) = self.weighted_random(&ok, &w, Some(a)) else {
+                    return Some(a);
+                };
+                let la = self.backends[a].active() as f64 / w(a);
+                let lb = self.backends[b].active() as f64 / w(b);
+                Some(if lb < la { b } else { a })
+            }
+        }
+    }
+
+    /// One backend drawn with probability proportional to `w`, skipping `not`.
+    fn weighted_random(
+        &self,
+        ok: &impl Fn(usize) -> bool,
+        w: &impl Fn(usize) -> f64,
+        not: Option<usize>,
+    ) -> Option<usize> {
+        let eligible = |i: usize| ok(i) && Some(i) != not;
+        let n = self.backends.len();
+        let total: f64 = (0..n).filter(|&i| eligible(i)).map(w).sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut r = rand::random::<f64>() * total;
+        let mut last = None;
+        for i in (0..n).filter(|&i| eligible(i)) {
+            last = Some(i);
+            r -= w(i);
+            if r < 0.0 {
+                return Some(i);
+            }
+        }
+        // Rounding can leave r at a hair above zero after the last backend.
+        last
     }
 
     fn least_conn(&self, ok: impl Fn(usize) -> bool) -> Option<usize> {
@@ -253,6 +365,7 @@ mod tests {
             connect_attempts: NonZeroU32::MIN,
             when_all_down: WhenAllDown::FailOpen,
             drain_timeout: Duration::from_secs(1),
+            slow_start: Duration::ZERO,
             backends: weights
                 .iter()
                 .enumerate()
@@ -347,6 +460,42 @@ mod tests {
             tried.sort_unstable();
             assert_eq!(tried, [0, 1, 2], "{balance:?}");
         }
+    }
+
+    fn ramping_pool(balance: Balance) -> Pool {
+        let mut p = pool(balance, &[1, 1, 1]);
+        let mut cfg = (*p.cfg).clone();
+        cfg.slow_start = Duration::from_secs(3600);
+        p.cfg = Arc::new(cfg);
+        p.backends[2].start_ramp();
+        p
+    }
+
+    #[test]
+    fn a_ramping_backend_starts_near_a_tenth_of_its_share() {
+        for balance in [Balance::LeastConn, Balance::RoundRobin, Balance::RandomTwo] {
+            let p = ramping_pool(balance);
+            let c = counts(&p, 3000);
+            // Full share would be 1000; at 10% weight it is about 3000 * 0.1 / 2.1 = 143.
+            assert!(c[2] < 400, "{balance:?}: ramping backend got {c:?}");
+            assert!(c[2] > 20, "{balance:?}: ramping backend got nothing: {c:?}");
+        }
+    }
+
+    #[test]
+    fn ramp_factor_grows_linearly_and_ends() {
+        let p = ramping_pool(Balance::RoundRobin);
+        let b = &p.backends[2];
+        let start = b.ramp_start.load(Ordering::Relaxed) - 1;
+        let w = Duration::from_millis(1000);
+        assert!((b.ramp_factor(w, start) - 0.1).abs() < 1e-9);
+        assert!((b.ramp_factor(w, start + 500) - 0.55).abs() < 1e-9);
+        assert!((b.ramp_factor(w, start + 1000) - 1.0).abs() < 1e-9);
+        assert_eq!(
+            b.ramp_start.load(Ordering::Relaxed),
+            0,
+            "ramp cleared at its end"
+        );
     }
 
     #[test]

@@ -95,6 +95,10 @@ pub struct Config {
     pub pools: Vec<Arc<PoolConfig>>,
     /// Listeners in file order; names and addresses are unique.
     pub listeners: Vec<ListenerConfig>,
+    /// Expired certificates the config names. `check` fails on them; `run` and reload log
+    /// them as errors and go on, since refusing to start would turn one stale certificate
+    /// into an outage of every listener (SPEC §2).
+    pub expired: Vec<ConfigError>,
 }
 
 impl Config {
@@ -232,6 +236,9 @@ pub struct PoolConfig {
     pub when_all_down: WhenAllDown,
     /// How long connections may outlive their backend's removal, and the shutdown drain.
     pub drain_timeout: Duration,
+    /// A backend that turns healthy again ramps from 10% to 100% of its weight over this
+    /// long; zero turns the ramp off.
+    pub slow_start: Duration,
     /// Backends in file order; addresses are unique within the pool.
     pub backends: Vec<BackendConfig>,
     /// Health checking.
@@ -317,7 +324,7 @@ struct FilePool {
     backend: Vec<Spanned<FileBackend>>,
     // Keys of features that are specified but not built yet: accepted by the parser only so
     // that the error can say "not supported yet" instead of "unknown field".
-    slow_start: Option<Spanned<toml::Value>>,
+    slow_start: Option<Spanned<String>>,
     health: Option<Spanned<FileHealth>>,
     tls: Option<Spanned<FilePoolTls>>,
 }
@@ -398,6 +405,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         file: path,
         text,
         errors: Vec::new(),
+        expired: Vec::new(),
     };
     let file: FileConfig = match toml::from_str(text) {
         Ok(f) => f,
@@ -439,6 +447,7 @@ struct Validator<'a> {
     file: &'a Path,
     text: &'a str,
     errors: Vec<ConfigError>,
+    expired: Vec<ConfigError>,
 }
 
 impl Validator<'_> {
@@ -665,6 +674,7 @@ impl Validator<'_> {
             admin,
             pools,
             listeners,
+            expired: std::mem::take(&mut self.expired),
         }
     }
 
@@ -721,7 +731,13 @@ impl Validator<'_> {
             DEFAULT_CONNECT_ATTEMPTS,
         );
         let connect_attempts = NonZeroU32::new(attempts).unwrap_or(NonZeroU32::MIN);
-        self.not_yet(p.slow_start.as_ref(), &k("slow_start"), "slow_start");
+        // "0s" is the documented way to turn the ramp off, so zero is allowed here.
+        let slow_start = match &p.slow_start {
+            Some(v) if humantime::parse_duration(v.get_ref().trim()).is_ok_and(|d| d.is_zero()) => {
+                Duration::ZERO
+            }
+            v => self.duration(v.as_ref(), &k("slow_start"), Duration::ZERO),
+        };
         let tls = p.tls.map(|t| self.pool_tls(i, t));
         let health = self.health(i, p.health, tls.as_ref());
         let tls = tls.flatten();
@@ -784,6 +800,7 @@ impl Validator<'_> {
                 connect_attempts,
                 when_all_down,
                 drain_timeout,
+                slow_start,
                 backends,
                 health,
                 tls,
@@ -818,11 +835,48 @@ impl Validator<'_> {
         }
     }
 
+    /// Notes every certificate of `certs` that has expired, against `key`.
+    fn expiry(
+        &mut self,
+        certs: &[rustls::pki_types::CertificateDer<'_>],
+        span: Range<usize>,
+        key: &str,
+        path: &Path,
+    ) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        for (n, c) in certs.iter().enumerate() {
+            if let Some((subject, not_after)) = crate::tls::subject_and_expiry(c.as_ref()) {
+                if not_after < now {
+                    let when = humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH
+                            + Duration::from_secs(u64::try_from(not_after).unwrap_or(0)),
+                    );
+                    let (line, column) = line_col(self.text, span.start);
+                    self.expired.push(ConfigError {
+                        file: self.file.to_path_buf(),
+                        line: Some(line),
+                        column: Some(column),
+                        key: key.to_string(),
+                        message: format!(
+                            "certificate {n} of {} ({subject}) expired at {when}",
+                            path.display()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
     /// `[pool.tls]`; `Some(None)` when present but broken (already reported).
     fn pool_tls(&mut self, i: usize, t: Spanned<FilePoolTls>) -> Option<PoolTlsConfig> {
         let t = t.into_inner();
         let key = format!("pool[{i}].tls.ca");
         let (ca, pem) = self.read(&t.ca, &key)?;
+        if let Ok(certs) = crate::tls::certs_from_pem(&pem, &ca.display().to_string()) {
+            self.expiry(&certs, t.ca.span(), &key, &ca);
+        }
         let roots = match crate::tls::roots_from_pem(&pem, &ca.display().to_string()) {
             Ok(r) => r,
             Err(e) => {
@@ -1023,6 +1077,7 @@ impl Validator<'_> {
                 return None;
             }
         };
+        self.expiry(&chain, cert.span(), cert_key, &cert_path);
         let pk = match crate::tls::key_from_pem(&key_pem, &key_path.display().to_string()) {
             Ok(k) => k,
             Err(e) => {

@@ -101,8 +101,14 @@ impl BackendHealth {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    /// Records one result. Returns the new state when it changed.
-    pub fn observe(&self, pass: bool, reason: &str, rise: u32, fall: u32) -> Option<State> {
+    /// Records one result. Returns the previous and the new state when it changed.
+    pub fn observe(
+        &self,
+        pass: bool,
+        reason: &str,
+        rise: u32,
+        fall: u32,
+    ) -> Option<(State, State)> {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.reason = reason.to_string();
         s.last_check = Some(SystemTime::now());
@@ -126,8 +132,8 @@ impl BackendHealth {
         if next == s.state {
             return None;
         }
-        s.state = next;
-        Some(next)
+        let prev = std::mem::replace(&mut s.state, next);
+        Some((prev, next))
     }
 }
 
@@ -136,11 +142,18 @@ impl BackendHealth {
 /// Records a result for `backend` of `pool`, updating metrics and logging a change of state.
 pub(crate) fn record(pool: &Pool, backend: &Backend, pass: bool, reason: &str) {
     let h = &pool.cfg.health;
-    if let Some(state) = backend.health.observe(pass, reason, h.rise, h.fall) {
+    if let Some((prev, state)) = backend.health.observe(pass, reason, h.rise, h.fall) {
         backend
             .metrics
             .healthy
             .set(i64::from(state == State::Healthy));
+        // Only a return ramps: at start-up every backend begins together at full weight.
+        let ramp =
+            prev == State::Unhealthy && state == State::Healthy && !pool.cfg.slow_start.is_zero();
+        if ramp {
+            backend.start_ramp();
+            tracing::info!(pool = %pool.cfg.name, backend = %backend.name, slow_start = %humantime::format_duration(pool.cfg.slow_start), "slow start: ramping up from 10% of its weight");
+        }
         match state {
             State::Healthy => {
                 tracing::info!(pool = %pool.cfg.name, backend = %backend.name, reason, "backend is healthy")
@@ -319,16 +332,22 @@ mod tests {
         let h = BackendHealth::new(true);
         assert_eq!(
             h.observe(false, "connection refused", 2, 3),
-            Some(State::Unhealthy)
+            Some((State::Unknown, State::Unhealthy))
         );
         assert!(!h.is_healthy());
         assert_eq!(h.observe(true, "ok", 2, 3), None);
         assert!(!h.is_healthy(), "one pass is not enough with rise = 2");
-        assert_eq!(h.observe(true, "ok", 2, 3), Some(State::Healthy));
+        assert_eq!(
+            h.observe(true, "ok", 2, 3),
+            Some((State::Unhealthy, State::Healthy))
+        );
         assert_eq!(h.observe(false, "x", 2, 3), None);
         assert_eq!(h.observe(false, "x", 2, 3), None);
         assert!(h.is_healthy());
-        assert_eq!(h.observe(false, "status 500", 2, 3), Some(State::Unhealthy));
+        assert_eq!(
+            h.observe(false, "status 500", 2, 3),
+            Some((State::Healthy, State::Unhealthy))
+        );
         assert_eq!(h.status().reason, "status 500");
     }
 

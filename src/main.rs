@@ -82,6 +82,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            for e in &cfg.expired {
+                tracing::error!("{e} (running anyway: fix before clients notice)");
+            }
             with_runtime(threads, async move {
                 let gateway = apilb::Gateway::start(cfg, apilb::shutdown::signal())
                     .await
@@ -137,6 +140,18 @@ fn with_runtime(
 
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
+        Ok(cfg) if !cfg.expired.is_empty() => {
+            let n = cfg.expired.len();
+            eprintln!(
+                "apilb check: {n} expired certificate{} in {}:",
+                if n == 1 { "" } else { "s" },
+                path.display()
+            );
+            for e in &cfg.expired {
+                eprintln!("{e}");
+            }
+            ExitCode::from(EXIT_CONFIG)
+        }
         Ok(cfg) => {
             print!("{}", summary(&cfg));
             ExitCode::SUCCESS

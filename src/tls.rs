@@ -136,3 +136,12 @@ pub fn client_config(
     }
     Ok(Arc::new(config))
 }
+
+/// Subject and expiry (Unix seconds) of a DER certificate; `None` if it cannot be parsed.
+pub fn subject_and_expiry(der: &[u8]) -> Option<(String, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some((
+        cert.subject().to_string(),
+        cert.validity().not_after.timestamp(),
+    ))
+}

@@ -90,7 +90,7 @@ fn check_on_a_missing_file_exits_2() {
 fn run_gateway(
     config: &std::path::Path,
     wrapper: &[&str],
-) -> (Child, SocketAddr, mpsc::Receiver<String>) {
+) -> (Child, SocketAddr, mpsc::Receiver<String>, Vec<String>) {
     let mut cmd = if wrapper.is_empty() {
         Command::new(bin())
     } else {
@@ -116,11 +116,14 @@ fn run_gateway(
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
+    // Lines logged before "listening" (such as start-up errors), for the caller.
+    let mut early = Vec::new();
     loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("gateway logged its listening address");
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            early.push(line);
             continue;
         };
         if v["message"] == "listening" {
@@ -135,8 +138,9 @@ fn run_gateway(
                 .trim()
                 .parse()
                 .expect("addr");
-            return (child, addr, rx);
+            return (child, addr, rx, early);
         }
+        early.push(line);
     }
 }
 
@@ -161,7 +165,7 @@ async fn sigterm_lets_an_active_transfer_finish_then_exits_0() {
         "apilb.toml",
         &simple_config(&[sink.addr], "drain_timeout = \"20s\"", ""),
     );
-    let (mut child, addr, logs) = run_gateway(&path, &[]);
+    let (mut child, addr, logs, _) = run_gateway(&path, &[]);
 
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let seed = 77u64;
@@ -245,7 +249,7 @@ async fn out_of_file_descriptors_backs_off_without_spinning_and_recovers() {
     let echo = EchoServer::start().await;
     let (_dir, path) = write_temp("apilb.toml", &simple_config(&[echo.addr], "", ""));
     // A low descriptor limit for the gateway alone; prlimit execs it, so the PID is apilb's.
-    let (mut child, addr, logs) = run_gateway(&path, &["prlimit", "--nofile=48:48", "--"]);
+    let (mut child, addr, logs, _) = run_gateway(&path, &["prlimit", "--nofile=48:48", "--"]);
     let pid = child.id();
 
     let mut held = Vec::new();
@@ -392,4 +396,41 @@ fn demo_on_a_taken_port_names_the_flag() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("--passthrough {addr}")), "{err}");
+}
+
+#[test]
+fn expired_certificate_fails_check_but_not_run() {
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = pki.write_to(dir.path()).expect("PKI");
+    let old = pki
+        .ca
+        .client_valid_for("system:apilb-health", &["system:monitoring"], -2)
+        .expect("cert");
+    std::fs::write(dir.path().join("health.crt"), &old.cert_pem).expect("write");
+    std::fs::write(dir.path().join("health.key"), &old.key_pem).expect("write");
+    let text = format!(
+        "[[pool]]\nname = \"p\"\n[pool.tls]\nca = \"{}\"\n[pool.health]\ncheck = \"https\"\nclient_cert = \"health.crt\"\nclient_key = \"health.key\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n",
+        files.ca.display()
+    );
+    let path = dir.path().join("apilb.toml");
+    std::fs::write(&path, text).expect("config");
+    let (code, _, err) = check(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("pool[0].health.client_cert") && err.contains("expired at"),
+        "{err}"
+    );
+    assert!(err.contains("apilb.toml:7:"), "{err}");
+
+    // `run` starts anyway and says so: one stale certificate must not take every listener down.
+    let (mut child, _addr, _logs, early) = run_gateway(&path, &[]);
+    signal(child.id(), "TERM");
+    assert_eq!(wait_exit(&mut child, 20), 0);
+    assert!(
+        early
+            .iter()
+            .any(|l| l.contains("\"ERROR\"") && l.contains("expired at")),
+        "run did not log the expired certificate: {early:#?}"
+    );
 }

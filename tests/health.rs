@@ -312,3 +312,207 @@ async fn all_down_fails_open_or_rejects_and_counts_it() {
         gw.shutdown().await;
     }
 }
+
+fn proxied(gw: &Gw, b: &str) -> f64 {
+    gw.metric(
+        "apilb_backend_connections_total",
+        &[("pool", "p"), ("backend", b)],
+    )
+}
+
+#[tokio::test]
+async fn a_returning_backend_ramps_up_over_slow_start() {
+    let echos = [
+        EchoServer::start().await,
+        EchoServer::start().await,
+        EchoServer::start().await,
+    ];
+    let addrs: Vec<SocketAddr> = echos.iter().map(|e| e.addr).collect();
+    let gw = gateway(&simple_config(
+        &addrs,
+        "balance = \"round-robin\"\nslow_start = \"3s\"\n[pool.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nrise = 1\nfall = 1",
+        "",
+    ))
+    .await;
+    eventually(5, "first checks", || {
+        gw.handle()
+            .backend_status("p", "b2")
+            .is_some_and(|s| s.last_check.is_some())
+    })
+    .await;
+    echos[2].stop().await;
+    eventually(5, "b2 down", || !healthy(&gw, "b2")).await;
+    let _back = EchoServer::start_on(&addrs[2].to_string()).await;
+    eventually(5, "b2 back", || healthy(&gw, "b2")).await;
+
+    // Early in the window: b2 is near 10% of its weight, so well under its third.
+    let before = proxied(&gw, "b2");
+    for _ in 0..150 {
+        drop(within(10, "early connection", echo_once(gw.addr())).await);
+    }
+    let early = proxied(&gw, "b2") - before;
+    assert!(
+        early < 30.0,
+        "b2 took {early} of 150 early connections (full share is 50)"
+    );
+
+    // After the window: exact round-robin again, a full third.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before: Vec<f64> = ["b0", "b1", "b2"].iter().map(|b| proxied(&gw, b)).collect();
+    for _ in 0..150 {
+        drop(within(10, "late connection", echo_once(gw.addr())).await);
+    }
+    let late: Vec<f64> = ["b0", "b1", "b2"]
+        .iter()
+        .zip(&before)
+        .map(|(b, x)| proxied(&gw, b) - x)
+        .collect();
+    assert_eq!(
+        late,
+        [50.0, 50.0, 50.0],
+        "after slow_start every backend has its full share"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn failed_client_connects_take_a_backend_out_before_the_next_probe() {
+    let echos = [EchoServer::start().await, EchoServer::start().await];
+    let addrs: Vec<SocketAddr> = echos.iter().map(|e| e.addr).collect();
+    let gw = gateway(&simple_config(
+        &addrs,
+        "balance = \"round-robin\"\n[pool.health]\ninterval = \"1h\"\ntimeout = \"1s\"\nfall = 2",
+        "",
+    ))
+    .await;
+    eventually(5, "first checks", || {
+        ["b0", "b1"].iter().all(|b| {
+            gw.handle()
+                .backend_status("p", b)
+                .is_some_and(|s| s.last_check.is_some())
+        })
+    })
+    .await;
+    echos[1].stop().await;
+    // Every client is still served (retry), and two failed connects flip b1 (fall = 2)
+    // with no active probe in between (the next one is an hour away).
+    for _ in 0..6 {
+        drop(within(10, "served", echo_once(gw.addr())).await);
+    }
+    assert!(!healthy(&gw, "b1"));
+    let r = reason(&gw, "b1");
+    assert!(
+        r.starts_with("connect failed") && r.contains("refused"),
+        "{r}"
+    );
+    assert_eq!(
+        gw.metric(
+            "apilb_health_checks_total",
+            &[("pool", "p"), ("backend", "b1"), ("result", "pass")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        gw.metric(
+            "apilb_health_checks_total",
+            &[("pool", "p"), ("backend", "b1"), ("result", "fail")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        gw.metric(
+            "apilb_backend_connect_errors_total",
+            &[("pool", "p"), ("backend", "b1")]
+        ),
+        2.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn checks_keep_their_interval_under_client_load_without_flapping() {
+    let echos = [EchoServer::start().await, EchoServer::start().await];
+    let addrs: Vec<SocketAddr> = echos.iter().map(|e| e.addr).collect();
+    let gw = gateway(&simple_config(
+        &addrs,
+        "[pool.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 2\nfall = 2",
+        "",
+    ))
+    .await;
+    let checks = |gw: &Gw| {
+        ["b0", "b1"]
+            .iter()
+            .map(|b| {
+                gw.metric(
+                    "apilb_health_checks_total",
+                    &[("pool", "p"), ("backend", b), ("result", "pass")],
+                )
+            })
+            .sum::<f64>()
+    };
+    let before = checks(&gw);
+    let started = std::time::Instant::now();
+    // About 400 connections a second for 2 s, 16 at a time; bounded in count and time.
+    let addr = gw.addr();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            let until = std::time::Instant::now() + Duration::from_secs(2);
+            while std::time::Instant::now() < until && n < 200 {
+                drop(echo_once(addr).await);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(35)).await;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += within(30, "load", t).await.expect("load task");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let done = checks(&gw) - before;
+    // Two backends checked every 100 ms ± 10%: about 20 checks a second between them.
+    let expected = elapsed * 20.0;
+    assert!(total >= 300, "load too small to mean anything: {total}");
+    assert!(
+        done >= expected * 0.7,
+        "{done} checks in {elapsed:.1}s under load, expected about {expected:.0}"
+    );
+    for b in ["b0", "b1"] {
+        assert!(healthy(&gw, b));
+        assert_eq!(
+            gw.metric(
+                "apilb_health_checks_total",
+                &[("pool", "p"), ("backend", b), ("result", "fail")]
+            ),
+            0.0,
+            "{b} flapped"
+        );
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_backend_certificate_is_named() {
+    let s = Setup::new();
+    let expired = s.pki.ca.server("x", &["kubernetes"], -1).expect("cert");
+    let srv = apiserver_with(
+        "expired",
+        "127.0.0.1:0".parse().expect("addr"),
+        &expired,
+        &s.pki.ca.cert_pem,
+        true,
+    )
+    .await;
+    let gw = gateway(&simple_config(
+        &[srv.addr()],
+        &format!("[pool.health]\ncheck = \"tls\"\ninterval = \"1h\"\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca()),
+        "",
+    ))
+    .await;
+    eventually(10, "checked", || reason(&gw, "b0") != "not checked yet").await;
+    assert_eq!(reason(&gw, "b0"), "certificate expired");
+    gw.shutdown().await;
+}

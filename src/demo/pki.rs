@@ -49,8 +49,14 @@ impl std::fmt::Debug for Ca {
 fn validity(params: &mut CertificateParams, days: i64) {
     let now = OffsetDateTime::now_utc();
     // Back-dated an hour so a clock that is slightly behind still accepts it.
-    params.not_before = now - Duration::hours(1);
     params.not_after = now + Duration::days(days);
+    // A negative `days` makes an already expired certificate (for tests); it was valid for
+    // the month before.
+    params.not_before = if days < 0 {
+        params.not_after - Duration::days(30)
+    } else {
+        now - Duration::hours(1)
+    };
 }
 
 impl Ca {
@@ -104,6 +110,19 @@ impl Ca {
     /// # Errors
     /// Key generation or signing failed.
     pub fn client(&self, user: &str, groups: &[&str]) -> Result<CertKey, rcgen::Error> {
+        self.client_valid_for(user, groups, 365)
+    }
+
+    /// A client certificate valid for `days` (negative: expired that many days ago).
+    ///
+    /// # Errors
+    /// Key generation or signing failed.
+    pub fn client_valid_for(
+        &self,
+        user: &str,
+        groups: &[&str],
+        days: i64,
+    ) -> Result<CertKey, rcgen::Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, user);
@@ -115,7 +134,7 @@ impl Ca {
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        validity(&mut params, 365);
+        validity(&mut params, days);
         self.sign(&params)
     }
 

@@ -341,6 +341,7 @@ pub async fn sink_roundtrip(addr: SocketAddr, up: usize, down: usize, seed: u64)
 pub struct EchoServer {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl EchoServer {
@@ -353,7 +354,7 @@ impl EchoServer {
         let addr = l.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let acc = accepted.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 acc.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
@@ -363,7 +364,19 @@ impl EchoServer {
                 });
             }
         });
-        Self { addr, accepted }
+        Self {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Closes the listening socket (connections already accepted go on).
+    pub async fn stop(&self) {
+        self.task.abort();
+        while !self.task.is_finished() {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
