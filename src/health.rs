@@ -245,13 +245,12 @@ async fn check(
         // Validation requires [pool.tls] for these checks.
         (_, None) => return Err("no [pool.tls] for a TLS check".into()),
     };
-    let mut tls = tokio_rustls::TlsConnector::from(tls_config)
+    let tls = tokio_rustls::TlsConnector::from(tls_config)
         .connect(name.clone(), tcp)
         .await
         .map_err(|e| tls_reason(&e, &name))?;
     if cfg.check == CheckKind::Tls {
-        // close_notify, so the apiserver sees a clean close rather than a broken handshake.
-        let _ = tls.shutdown().await;
+        close_cleanly(tls);
         return Ok(());
     }
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -274,11 +273,8 @@ async fn check(
     };
     let (resp, parts) = tokio::join!(request, conn);
     let status = resp.map_err(|e| format!("HTTP: {e}"))?.status().as_u16();
-    // Closing with close_notify once the exchange is done; failures here do not change the
-    // verdict, the status already came in.
     if let Ok(parts) = parts {
-        let mut tls = parts.io.into_inner();
-        let _ = tls.shutdown().await;
+        close_cleanly(parts.io.into_inner());
     }
     if cfg.expect_status.contains(&status) {
         Ok(())
@@ -290,6 +286,19 @@ async fn check(
     } else {
         Err(format!("status {status}"))
     }
+}
+
+/// Ends a probe's TLS session the way a well-behaved client does, off the check's clock
+/// (the verdict is already in): send close_notify, then read until the server's own close.
+/// Dropping the socket with unread bytes (TLS 1.3 session tickets) would make the kernel
+/// send a reset, and the apiserver would log a failed connection for every probe.
+fn close_cleanly(mut tls: tokio_rustls::client::TlsStream<TcpStream>) {
+    tokio::spawn(async move {
+        let _ = tls.shutdown().await;
+        let mut sink = tokio::io::sink();
+        let drain = tokio::io::copy(&mut tls, &mut sink);
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    });
 }
 
 /// A socket error in plain words.

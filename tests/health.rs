@@ -516,3 +516,122 @@ async fn expired_backend_certificate_is_named() {
     assert_eq!(reason(&gw, "b0"), "certificate expired");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn tls_and_https_probes_close_cleanly_where_tcp_probes_do_not() {
+    let s = Setup::new();
+    let servers = apiservers(&s.pki, 3, "127.0.0.1").await;
+    let tls = format!(
+        "[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"\n",
+        s.ca()
+    );
+    let mut gws = Vec::new();
+    for (srv, check) in servers.iter().zip(["tcp", "tls", "https"]) {
+        let extra = if check == "tcp" {
+            String::new()
+        } else {
+            tls.clone()
+        };
+        gws.push(
+            gateway(&simple_config(
+                &[srv.addr()],
+                &format!("{extra}[pool.health]\ncheck = \"{check}\"\ninterval = \"50ms\"\ntimeout = \"40ms\""),
+                "",
+            ))
+            .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for gw in gws {
+        gw.shutdown().await;
+    }
+    // What kube-apiserver would log as "http: TLS handshake error ... EOF" for every probe.
+    assert!(
+        servers[0].handshake_errors() >= 5,
+        "tcp probes: {}",
+        servers[0].handshake_errors()
+    );
+    assert_eq!(
+        (
+            servers[1].handshake_errors(),
+            servers[1].connection_errors()
+        ),
+        (0, 0),
+        "tls probes"
+    );
+    assert_eq!(
+        (
+            servers[2].handshake_errors(),
+            servers[2].connection_errors()
+        ),
+        (0, 0),
+        "https probes"
+    );
+    assert!(servers[2].requests() >= 5, "https probes sent GET /readyz");
+}
+
+#[tokio::test]
+async fn established_connections_survive_their_backend_turning_unhealthy() {
+    let s = Setup::new();
+    let servers = apiservers(&s.pki, 2, "127.0.0.1").await;
+    let addrs: Vec<SocketAddr> = servers.iter().map(|a| a.addr()).collect();
+    let gw = gateway(&simple_config(
+        &addrs,
+        &format!("balance = \"round-robin\"\n[pool.health]\ncheck = \"https\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca()),
+        "",
+    ))
+    .await;
+    eventually(5, "checked", || {
+        reason(&gw, "b0") == "ok" && reason(&gw, "b1") == "ok"
+    })
+    .await;
+    // A watch through the gateway, on whichever backend it lands.
+    let tcp = tokio::net::TcpStream::connect(gw.addr())
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("kubernetes").expect("name");
+    let mut watch = within(
+        10,
+        "handshake",
+        tokio_rustls::TlsConnector::from(client_config(&s.pki, Some(&s.pki.admin), &[]))
+            .connect(name, tcp),
+    )
+    .await
+    .expect("tls");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    watch
+        .write_all(
+            b"GET /api/v1/namespaces/default/pods?watch=1 HTTP/1.1\r\nHost: kubernetes\r\n\r\n",
+        )
+        .await
+        .expect("request");
+    let mut buf = vec![0u8; 4096];
+    let n = within(10, "first event", watch.read(&mut buf))
+        .await
+        .expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    let on = if head.contains("apiserver-0") { 0 } else { 1 };
+    // Its apiserver starts failing /readyz: no new connections go there ...
+    servers[on].set_ready(false);
+    let b = format!("b{on}");
+    eventually(5, "backend out", || !healthy(&gw, &b)).await;
+    let cfg = client_config(&s.pki, None, &[]);
+    for _ in 0..4 {
+        let who = within(10, "whoami", whoami(gw.addr(), cfg.clone())).await;
+        assert_ne!(who.backend, format!("apiserver-{on}"));
+    }
+    // ... but the established watch keeps streaming events.
+    let mut events = 0;
+    for _ in 0..3 {
+        let n = within(5, "event after unhealthy", watch.read(&mut buf))
+            .await
+            .expect("read");
+        assert!(n > 0, "the established watch was cut");
+        events += String::from_utf8_lossy(&buf[..n])
+            .matches("MODIFIED")
+            .count();
+    }
+    assert!(events >= 1);
+    drop(watch);
+    gw.shutdown().await;
+}

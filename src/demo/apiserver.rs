@@ -114,6 +114,8 @@ struct Shared {
     name: String,
     ready: AtomicBool,
     requests: AtomicU64,
+    handshake_errors: AtomicU64,
+    connection_errors: AtomicU64,
     tokens: Vec<(String, Identity)>,
     watch_interval: Duration,
     anonymous: bool,
@@ -197,6 +199,8 @@ impl ApiServer {
             name: opts.name,
             ready: AtomicBool::new(true),
             requests: AtomicU64::new(0),
+            handshake_errors: AtomicU64::new(0),
+            connection_errors: AtomicU64::new(0),
             tokens: opts.tokens,
             watch_interval: opts.watch_interval,
             anonymous: opts.anonymous,
@@ -229,6 +233,18 @@ impl ApiServer {
     /// HTTP requests served so far.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes that failed or were cut off: what kube-apiserver logs as
+    /// "http: TLS handshake error".
+    pub fn handshake_errors(&self) -> u64 {
+        self.shared.handshake_errors.load(Ordering::Relaxed)
+    }
+
+    /// Connections that ended with an error after the handshake, such as a close without
+    /// close_notify.
+    pub fn connection_errors(&self) -> u64 {
+        self.shared.connection_errors.load(Ordering::Relaxed)
     }
 
     /// Stops accepting and closes open connections.
@@ -277,10 +293,12 @@ async fn serve_conn(
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
+            shared.handshake_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(apiserver = %shared.name, client = %peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            shared.handshake_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(apiserver = %shared.name, client = %peer, "TLS handshake timed out");
             return;
         }
@@ -292,6 +310,7 @@ async fn serve_conn(
         .and_then(|c| c.first())
         .and_then(|c| identity_from_cert(c.as_ref()));
     let cert_identity = Arc::new(cert_identity);
+    let counters = shared.clone();
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let cert_identity = cert_identity.clone();
@@ -302,6 +321,7 @@ async fn serve_conn(
         .serve_connection_with_upgrades(TokioIo::new(tls), svc)
         .await
     {
+        counters.connection_errors.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(client = %peer, error = %e, "connection ended with an error");
     }
 }
