@@ -31,7 +31,9 @@ async fn relayed() -> (TcpStream, TcpStream, CancellationToken) {
     let stop = CancellationToken::new();
     let s = stop.clone();
     tokio::spawn(async move {
-        apilb::forward::relay(&gw_client, &gw_backend, Duration::from_secs(3600), &s).await;
+        let (cr, cw) = gw_client.into_split();
+        let (br, bw) = gw_backend.into_split();
+        apilb::forward::relay(cr, cw, br, bw, Duration::from_secs(3600), &s).await;
     });
     (client, backend, stop)
 }

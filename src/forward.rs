@@ -15,17 +15,19 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::{ActiveGuard, Pool};
+use crate::balance::{ActiveGuard, Backend, Pool};
 use crate::listener::ListenerState;
 
 // === Close reasons ===
@@ -98,7 +100,7 @@ pub(crate) fn tune_socket(stream: &TcpStream, role: &'static str) {
 
 // === One connection ===
 
-/// Serves one accepted client connection to completion.
+/// Serves one accepted passthrough connection to completion.
 pub(crate) async fn serve(
     client: TcpStream,
     client_addr: SocketAddr,
@@ -107,43 +109,60 @@ pub(crate) async fn serve(
 ) {
     let started = Instant::now();
     tune_socket(&client, "client");
-    let pool = &state.pool;
-
     let connected = tokio::select! {
-        r = connect(pool, client_addr, &state.cfg.name) => r,
+        r = connect(&state.pool, client_addr, &state.cfg.name, |_, tcp| async move { Ok(tcp) }) => r,
         () = drain.cancelled() => Err(None),
     };
     let (backend_stream, guard) = match connected {
         Ok(c) => c,
         Err(last_error) => {
-            state.metrics.rejected_no_backend.inc();
-            tracing::info!(
-                target: "apilb::access",
-                listener = %state.cfg.name,
-                client = %client_addr,
-                backend = "-",
-                duration_ms = duration_ms(started),
-                bytes_up = 0u64,
-                bytes_down = 0u64,
-                end = %End::ConnectFailed,
-                error = last_error.as_deref().unwrap_or("shutting down"),
-                "connection closed"
-            );
+            log_connect_failed(&state, client_addr, started, last_error.as_deref());
             return;
         }
     };
-    tune_socket(&backend_stream, "backend");
-    let backend = guard.backend();
+    let (cr, cw) = client.into_split();
+    let (br, bw) = backend_stream.into_split();
+    let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, &drain).await;
+    log_close(&state, client_addr, guard.backend(), started, &r);
+}
 
-    let r = relay(&client, &backend_stream, state.cfg.idle_timeout, &drain).await;
+/// The access-log line of a client that never reached a backend, and its counter.
+pub(crate) fn log_connect_failed(
+    state: &ListenerState,
+    client: SocketAddr,
+    started: Instant,
+    error: Option<&str>,
+) {
+    state.metrics.rejected_no_backend.inc();
+    tracing::info!(
+        target: "apilb::access",
+        listener = %state.cfg.name,
+        client = %client,
+        backend = "-",
+        duration_ms = duration_ms(started),
+        bytes_up = 0u64,
+        bytes_down = 0u64,
+        end = %End::ConnectFailed,
+        error = error.unwrap_or("shutting down"),
+        "connection closed"
+    );
+}
 
+/// The access-log line of a proxied connection, and its byte counters.
+pub(crate) fn log_close(
+    state: &ListenerState,
+    client: SocketAddr,
+    backend: &Backend,
+    started: Instant,
+    r: &Relayed,
+) {
     backend.metrics.bytes_up.inc_by(r.up);
     backend.metrics.bytes_down.inc_by(r.down);
     let error = r.error.as_ref().map(ToString::to_string);
     tracing::info!(
         target: "apilb::access",
         listener = %state.cfg.name,
-        client = %client_addr,
+        client = %client,
         backend = %backend.name,
         duration_ms = duration_ms(started),
         bytes_up = r.up,
@@ -158,15 +177,22 @@ fn duration_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Tries distinct backends in the pool's order until one accepts the TCP connect.
+/// Tries distinct backends in the pool's order until one accepts the connect and `finish`
+/// (nothing for passthrough, the backend TLS handshake for terminate) succeeds, each attempt
+/// within `connect_timeout`.
 ///
-/// Every failure counts against its backend; the error of the last attempt is returned for
-/// the access log.
-async fn connect(
+/// Every failure counts against its backend (metrics and passive health); the error of the
+/// last attempt is returned for the access log.
+pub(crate) async fn connect<T, F, Fut>(
     pool: &Pool,
     client: SocketAddr,
     listener: &str,
-) -> Result<(TcpStream, ActiveGuard), Option<String>> {
+    finish: F,
+) -> Result<(T, ActiveGuard), Option<String>>
+where
+    F: Fn(Arc<Backend>, TcpStream) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let attempts = pool.cfg.connect_attempts.get() as usize;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
@@ -176,27 +202,28 @@ async fn connect(
         let backend = &pool.backends[i];
         // Counted as active from the pick on, so concurrent picks by least-conn see it.
         let guard = ActiveGuard::new(backend.clone());
-        let err =
-            match tokio::time::timeout(pool.cfg.connect_timeout, TcpStream::connect(backend.addr))
-                .await
-            {
-                Ok(Ok(stream)) => {
-                    backend.metrics.connections.inc();
-                    return Ok((stream, guard));
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!(
-                    "timeout after {}",
-                    humantime::format_duration(pool.cfg.connect_timeout)
-                ),
-            };
+        let attempt = async {
+            let tcp = TcpStream::connect(backend.addr).await.map_err(|e| e.to_string())?;
+            tune_socket(&tcp, "backend");
+            finish(backend.clone(), tcp).await
+        };
+        let err = match tokio::time::timeout(pool.cfg.connect_timeout, attempt).await {
+            Ok(Ok(stream)) => {
+                backend.metrics.connections.inc();
+                return Ok((stream, guard));
+            }
+            Ok(Err(e)) => e,
+            Err(_) => format!(
+                "timeout after {}",
+                humantime::format_duration(pool.cfg.connect_timeout)
+            ),
+        };
         backend.metrics.connect_errors.inc();
         // Passive health: a failed connect counts like a failed check (a success does not
         // count as a pass: an accepting socket says little about a hung apiserver).
         crate::health::record(pool, backend, false, &format!("connect failed: {err}"));
-        let msg = format!("connect to {} ({}): {err}", backend.name, backend.addr);
         tracing::debug!(listener, client = %client, backend = %backend.name, error = %err, "backend connect failed, trying another");
-        last_error = Some(msg);
+        last_error = Some(format!("connect to {} ({}): {err}", backend.name, backend.addr));
     }
     Err(last_error.or_else(|| Some("no healthy backend (when_all_down = \"reject\")".into())))
 }
@@ -216,17 +243,46 @@ pub struct Relayed {
     pub error: Option<io::Error>,
 }
 
-/// Relays bytes both ways between `client` and `backend` until both directions reached EOF,
-/// an error occurs, nothing moved for `idle`, or `drain` is cancelled.
+/// The read side of one end of a relayed connection.
 ///
-/// Half-close is propagated: EOF from one side shuts down writing towards the other, and the
-/// other direction keeps flowing. The sockets are not closed here; dropping them does that.
-pub async fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
+/// `ready` waits until reading would make progress, before a buffer is taken: a plain TCP
+/// socket waits for readiness, so an idle connection holds no buffer. A TLS stream cannot
+/// tell without reading (rustls may hold decrypted bytes already), so it reads at once.
+pub trait RelayRead: AsyncRead + Unpin + Send {
+    /// Resolves when a read is worth a buffer.
+    fn ready(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+impl RelayRead for OwnedReadHalf {
+    async fn ready(&mut self) -> io::Result<()> {
+        self.readable().await
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> RelayRead for tokio::io::ReadHalf<T> {}
+
+/// Relays bytes both ways between a client and a backend until both directions reached
+/// EOF, an error occurs, nothing moved for `idle`, or `drain` is cancelled. This is the one
+/// copy loop: passthrough passes TCP halves, terminate passes TLS halves.
+///
+/// Half-close is propagated: EOF from one side shuts down writing towards the other (for
+/// TLS: close_notify), and the other direction keeps flowing.
+pub async fn relay<CR, CW, BR, BW>(
+    mut client_r: CR,
+    mut client_w: CW,
+    mut backend_r: BR,
+    mut backend_w: BW,
     idle: Duration,
     drain: &CancellationToken,
-) -> Relayed {
+) -> Relayed
+where
+    CR: RelayRead,
+    BR: RelayRead,
+    CW: AsyncWrite + Unpin + Send,
+    BW: AsyncWrite + Unpin + Send,
+{
     let start = Instant::now();
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
@@ -234,13 +290,12 @@ pub async fn relay(
     // fires, so activity costs one relaxed store and no timer reset.
     let last_ms = AtomicU64::new(0);
 
-    let mut up = pin!(pump(client, backend, &up_bytes, &last_ms, start));
-    let mut down = pin!(pump(backend, client, &down_bytes, &last_ms, start));
+    let mut up = pin!(pump(&mut client_r, &mut backend_w, &up_bytes, &last_ms, start));
+    let mut down = pin!(pump(&mut backend_r, &mut client_w, &down_bytes, &last_ms, start));
     let mut up_done = false;
     let mut down_done = false;
     let mut first_eof: Option<End> = None;
-    let mut deadline = tokio::time::Instant::from_std(start) + idle;
-    let idle_sleep = tokio::time::sleep_until(deadline);
+    let idle_sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(start) + idle);
     let mut idle_sleep = pin!(idle_sleep);
 
     let (end, error) = loop {
@@ -268,8 +323,7 @@ pub async fn relay(
                 if next <= tokio::time::Instant::now() {
                     break (End::IdleTimeout, None);
                 }
-                deadline = next;
-                idle_sleep.as_mut().reset(deadline);
+                idle_sleep.as_mut().reset(next);
             },
             () = drain.cancelled() => break (End::Drained, None),
         }
@@ -283,44 +337,42 @@ pub async fn relay(
 }
 
 /// Copies `from` to `to` until EOF on `from`, then shuts down writing on `to`.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
+async fn pump<R: RelayRead, W: AsyncWrite + Unpin + Send>(
+    from: &mut R,
+    to: &mut W,
     bytes: &AtomicU64,
     last_ms: &AtomicU64,
     start: Instant,
 ) -> io::Result<()> {
     loop {
-        from.readable().await?;
+        from.ready().await?;
         let mut buf = BufPool::take();
-        let n = match from.try_read(&mut buf) {
+        let n = match from.read(&mut buf).await {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            Err(e) => {
                 BufPool::put(buf);
-                continue;
+                return Err(e);
             }
-            Err(e) => return Err(e),
         };
         if n == 0 {
             BufPool::put(buf);
             // The peer may already be gone; its own direction reports that.
-            let _ = SockRef::from(to).shutdown(Shutdown::Write);
+            let _ = to.shutdown().await;
             return Ok(());
         }
         last_ms.store(
             u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        let mut off = 0;
-        while off < n {
-            match to.try_write(&buf[off..n]) {
-                Ok(k) => off += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
-                Err(e) => return Err(e),
-            }
+        // A TLS writer holds records until flushed; for TCP the flush is free.
+        let written = async {
+            to.write_all(&buf[..n]).await?;
+            to.flush().await
         }
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        .await;
         BufPool::put(buf);
+        written?;
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
