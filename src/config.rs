@@ -219,6 +219,9 @@ pub struct PoolTlsConfig {
     pub roots: Arc<rustls::RootCertStore>,
     /// Name checked in backend certificates; `None`: the backend's host.
     pub server_name: Option<String>,
+    /// Client configuration for proxied backend connections of terminate listeners: the same
+    /// roots, and never a client certificate (the gateway lends no identity to clients).
+    pub client: Arc<rustls::ClientConfig>,
 }
 
 /// `[[pool]]`: a named set of backends and how to reach them.
@@ -265,6 +268,9 @@ pub struct BackendConfig {
 pub enum Mode {
     /// Bytes relayed untouched; TLS is between client and apiserver.
     Passthrough,
+    /// TLS ends at the gateway with `[listener.tls]`; a verified TLS connection of the
+    /// gateway's own carries the bytes to the backend.
+    Terminate,
 }
 
 impl Mode {
@@ -272,12 +278,30 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Passthrough => "passthrough",
+            Self::Terminate => "terminate",
         }
     }
 }
 
+/// `[listener.tls]`: the terminate listener's certificates and handshake rules.
+#[derive(Debug, Clone)]
+pub struct ListenerTlsConfig {
+    /// The default certificate chain file.
+    pub cert: PathBuf,
+    /// Its key file.
+    pub key: PathBuf,
+    /// A client that has not finished its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+    /// The only ALPN protocols accepted from clients and offered to backends; `None`: any.
+    pub alpn: Option<Vec<String>>,
+    /// Certificates by SNI name, the first being the default.
+    pub certs: Arc<crate::tls::SniResolver>,
+    /// Server configurations, one per ALPN answer, built once at load.
+    pub server: Arc<crate::tls::TerminateServer>,
+}
+
 /// `[[listener]]`: addresses that accept client connections for one pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ListenerConfig {
     /// Unique name, used in logs and metrics.
     pub name: String,
@@ -291,6 +315,8 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     /// Connections beyond this many are accepted and closed at once.
     pub max_connections: u32,
+    /// Certificates of a terminate listener.
+    pub tls: Option<ListenerTlsConfig>,
 }
 
 // === File layer ===
@@ -374,7 +400,26 @@ struct FileListener {
     pool: Spanned<String>,
     idle_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
-    tls: Option<Spanned<toml::Value>>,
+    tls: Option<Spanned<FileListenerTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListenerTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    handshake_timeout: Option<Spanned<String>>,
+    alpn: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    sni: Vec<Spanned<FileSni>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSni {
+    names: Spanned<Vec<String>>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 // === Loading ===
@@ -509,16 +554,6 @@ impl Validator<'_> {
         }
     }
 
-    fn not_yet(&mut self, v: Option<&Spanned<toml::Value>>, key: &str, what: &str) {
-        if let Some(v) = v {
-            self.error(
-                v.span(),
-                key,
-                format!("{what} is not supported yet in this version of apilb"),
-            );
-        }
-    }
-
     fn listen_addr(&mut self, s: &str, span: Range<usize>, key: &str) -> Option<SocketAddr> {
         match s.trim().parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -541,6 +576,7 @@ impl Validator<'_> {
 
         let mut pools = Vec::new();
         let mut pool_names: HashMap<String, usize> = HashMap::new();
+        let mut pools_with_tls: HashSet<String> = HashSet::new();
         for (i, p) in file.pool.into_iter().enumerate() {
             let pool = self.pool(i, p.into_inner());
             if let Some(pool) = pool {
@@ -553,6 +589,9 @@ impl Validator<'_> {
                             pool.0.name
                         ),
                     );
+                }
+                if pool.0.tls.is_some() {
+                    pools_with_tls.insert(pool.0.name.clone());
                 }
                 pools.push(Arc::new(pool.0));
             }
@@ -615,14 +654,7 @@ impl Validator<'_> {
             }
             let mode = match l.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
                 None | Some(("passthrough", _)) => Mode::Passthrough,
-                Some(("terminate", span)) => {
-                    self.error(
-                        span,
-                        format!("listener[{i}].mode"),
-                        "mode \"terminate\" is not supported yet in this version of apilb",
-                    );
-                    Mode::Passthrough
-                }
+                Some(("terminate", _)) => Mode::Terminate,
                 Some((other, span)) => {
                     self.error(
                         span,
@@ -634,11 +666,32 @@ impl Validator<'_> {
                     Mode::Passthrough
                 }
             };
-            self.not_yet(
-                l.tls.as_ref(),
-                &format!("listener[{i}].tls"),
-                "[listener.tls]",
-            );
+            let tls = match (mode, l.tls) {
+                (Mode::Terminate, Some(t)) => self.listener_tls(i, t),
+                (Mode::Terminate, None) => {
+                    let span = l.mode.as_ref().map_or(l.name.span(), Spanned::span);
+                    self.error(
+                        span,
+                        format!("listener[{i}].tls"),
+                        "mode = \"terminate\" needs [listener.tls] with cert and key",
+                    );
+                    None
+                }
+                (Mode::Passthrough, Some(t)) => {
+                    self.error(t.span(), format!("listener[{i}].tls"), "[listener.tls] is only for mode = \"terminate\": a passthrough listener never sees TLS");
+                    None
+                }
+                (Mode::Passthrough, None) => None,
+            };
+            if mode == Mode::Terminate
+                && pool_names.contains_key(l.pool.get_ref())
+                && !pools_with_tls.contains(l.pool.get_ref())
+            {
+                self.error(l.pool.span(), format!("listener[{i}].pool"), format!(
+                    "a terminate listener opens its own TLS connections to the backends, so pool {:?} needs [pool.tls] with the CA that signed them",
+                    l.pool.get_ref()
+                ));
+            }
             let pool = l.pool.get_ref().clone();
             if !pool_names.contains_key(&pool) {
                 let known: Vec<&str> = pool_names.keys().map(String::as_str).collect();
@@ -666,6 +719,7 @@ impl Validator<'_> {
                 pool,
                 idle_timeout,
                 max_connections,
+                tls,
             });
         }
 
@@ -835,6 +889,104 @@ impl Validator<'_> {
         }
     }
 
+    /// `[listener.tls]` of listener `i`.
+    fn listener_tls(&mut self, i: usize, t: Spanned<FileListenerTls>) -> Option<ListenerTlsConfig> {
+        let t = t.into_inner();
+        let k = |key: &str| format!("listener[{i}].tls.{key}");
+        let handshake_timeout = self.duration(
+            t.handshake_timeout.as_ref(),
+            &k("handshake_timeout"),
+            Duration::from_secs(10),
+        );
+        let alpn = t.alpn.as_ref().map(|a| {
+            for p in a.get_ref() {
+                if p != "h2" && p != "http/1.1" {
+                    self.error(
+                        a.span(),
+                        k("alpn"),
+                        format!("unknown protocol {p:?}: expected \"h2\" and/or \"http/1.1\""),
+                    );
+                }
+            }
+            if a.get_ref().is_empty() {
+                self.error(
+                    a.span(),
+                    k("alpn"),
+                    "expected at least one protocol; leave alpn out to accept any",
+                );
+            }
+            a.get_ref().clone()
+        });
+        let default = self.certified_key(&t.cert, &t.key, &k("cert"), &k("key"));
+        let mut by_name = Vec::new();
+        for (j, sni) in t.sni.iter().enumerate() {
+            let sni = sni.get_ref();
+            let sk = |key: &str| format!("listener[{i}].tls.sni[{j}].{key}");
+            if sni.names.get_ref().is_empty() {
+                self.error(sni.names.span(), sk("names"), "expected at least one name");
+            }
+            if let Some(ck) = self.certified_key(&sni.cert, &sni.key, &sk("cert"), &sk("key")) {
+                for n in sni.names.get_ref() {
+                    by_name.push((n.trim().to_ascii_lowercase(), ck.clone()));
+                }
+            }
+        }
+        let certs = Arc::new(crate::tls::SniResolver::new(default?, by_name));
+        let server = match crate::tls::TerminateServer::new(certs.clone()) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                self.error(t.cert.span(), k("cert"), e.to_string());
+                return None;
+            }
+        };
+        Some(ListenerTlsConfig {
+            cert: self.path(t.cert.get_ref()),
+            key: self.path(t.key.get_ref()),
+            handshake_timeout,
+            alpn,
+            certs,
+            server,
+        })
+    }
+
+    /// A serving certificate chain and key, checked to match.
+    fn certified_key(
+        &mut self,
+        cert: &Spanned<String>,
+        key: &Spanned<String>,
+        cert_key: &str,
+        key_key: &str,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let (cert_path, cert_pem) = self.read(cert, cert_key)?;
+        let (key_path, key_pem) = self.read(key, key_key)?;
+        let chain = match crate::tls::certs_from_pem(&cert_pem, &cert_path.display().to_string()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.error(cert.span(), cert_key, e.to_string());
+                return None;
+            }
+        };
+        self.expiry(&chain, cert.span(), cert_key, &cert_path);
+        let pk = match crate::tls::key_from_pem(&key_pem, &key_path.display().to_string()) {
+            Ok(k) => k,
+            Err(e) => {
+                self.error(key.span(), key_key, e.to_string());
+                return None;
+            }
+        };
+        match rustls::sign::CertifiedKey::from_der(chain, pk, &crate::tls::provider()) {
+            Ok(ck) => Some(Arc::new(ck)),
+            Err(e) => {
+                self.error(
+                    key.span(),
+                    key_key,
+                    format!("{} and {}: {e}", cert_path.display(), key_path.display()),
+                );
+                None
+            }
+        }
+    }
+
     /// Notes every certificate of `certs` that has expired, against `key`.
     fn expiry(
         &mut self,
@@ -902,10 +1054,19 @@ impl Validator<'_> {
             }
             None => None,
         };
+        let roots = Arc::new(roots);
+        let client = match crate::tls::client_config(roots.clone(), None, false) {
+            Ok(c) => c,
+            Err(e) => {
+                self.error(t.ca.span(), &key, e.to_string());
+                return None;
+            }
+        };
         Some(PoolTlsConfig {
             ca,
-            roots: Arc::new(roots),
+            roots,
             server_name,
+            client,
         })
     }
 

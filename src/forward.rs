@@ -203,7 +203,9 @@ where
         // Counted as active from the pick on, so concurrent picks by least-conn see it.
         let guard = ActiveGuard::new(backend.clone());
         let attempt = async {
-            let tcp = TcpStream::connect(backend.addr).await.map_err(|e| e.to_string())?;
+            let tcp = TcpStream::connect(backend.addr)
+                .await
+                .map_err(|e| e.to_string())?;
             tune_socket(&tcp, "backend");
             finish(backend.clone(), tcp).await
         };
@@ -223,7 +225,10 @@ where
         // count as a pass: an accepting socket says little about a hung apiserver).
         crate::health::record(pool, backend, false, &format!("connect failed: {err}"));
         tracing::debug!(listener, client = %client, backend = %backend.name, error = %err, "backend connect failed, trying another");
-        last_error = Some(format!("connect to {} ({}): {err}", backend.name, backend.addr));
+        last_error = Some(format!(
+            "connect to {} ({}): {err}",
+            backend.name, backend.addr
+        ));
     }
     Err(last_error.or_else(|| Some("no healthy backend (when_all_down = \"reject\")".into())))
 }
@@ -290,8 +295,20 @@ where
     // fires, so activity costs one relaxed store and no timer reset.
     let last_ms = AtomicU64::new(0);
 
-    let mut up = pin!(pump(&mut client_r, &mut backend_w, &up_bytes, &last_ms, start));
-    let mut down = pin!(pump(&mut backend_r, &mut client_w, &down_bytes, &last_ms, start));
+    let mut up = pin!(pump(
+        &mut client_r,
+        &mut backend_w,
+        &up_bytes,
+        &last_ms,
+        start
+    ));
+    let mut down = pin!(pump(
+        &mut backend_r,
+        &mut client_w,
+        &down_bytes,
+        &last_ms,
+        start
+    ));
     let mut up_done = false;
     let mut down_done = false;
     let mut first_eof: Option<End> = None;

@@ -178,10 +178,13 @@ pub(crate) fn spawn(pool: &Arc<Pool>, stop: &CancellationToken) {
             let name = server_name(&pool, &backend);
             loop {
                 let started = Instant::now();
-                let result = tokio::select! {
-                    () = stop.cancelled() => return,
-                    r = tokio::time::timeout(cfg.timeout, check(&backend, cfg, name.clone())) => r,
-                };
+                // A check in flight is not cut short by shutdown (it is bounded by its
+                // timeout): a probe dropped mid-handshake is an error in the apiserver's log.
+                let result =
+                    tokio::time::timeout(cfg.timeout, check(&backend, cfg, name.clone())).await;
+                if stop.is_cancelled() {
+                    return;
+                }
                 backend
                     .metrics
                     .check_duration
@@ -216,7 +219,7 @@ fn jittered(interval: Duration) -> Duration {
 }
 
 /// The name checked in the backend's certificate: `[pool.tls] server_name`, else its host.
-fn server_name(pool: &Pool, backend: &Backend) -> ServerName<'static> {
+pub(crate) fn server_name(pool: &Pool, backend: &Backend) -> ServerName<'static> {
     let configured = pool.cfg.tls.as_ref().and_then(|t| t.server_name.clone());
     let host = configured.unwrap_or_else(|| {
         let host = backend
@@ -312,7 +315,7 @@ fn io_reason(e: &io::Error) -> String {
 }
 
 /// A TLS failure in the words an operator searches for.
-fn tls_reason(e: &io::Error, name: &ServerName<'_>) -> String {
+pub(crate) fn tls_reason(e: &io::Error, name: &ServerName<'_>) -> String {
     use rustls::CertificateError as C;
     let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
         return format!("TLS handshake: {}", io_reason(e));

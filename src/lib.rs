@@ -33,6 +33,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod shutdown;
+pub mod terminate;
 pub mod tls;
 
 use std::future::Future;
@@ -182,6 +183,7 @@ impl Gateway {
         // Bind everything before spawning anything, so a bind failure leaves nothing behind.
         let mut bound = Vec::new();
         let mut loops = Vec::new();
+        let mut reporters = Vec::new();
         for l in &cfg.listeners {
             let pool = pools
                 .iter()
@@ -193,6 +195,9 @@ impl Gateway {
                 pool,
                 metrics: metrics.listener(&l.name),
             }));
+            if l.mode == config::Mode::Terminate {
+                reporters.push(state.load_full());
+            }
             let limit = Arc::new(Semaphore::new(l.max_connections as usize));
             let mut addrs = Vec::new();
             for &addr in &l.listen {
@@ -219,6 +224,9 @@ impl Gateway {
         }
         for pool in &pools {
             health::spawn(pool, &stop);
+        }
+        for state in reporters {
+            tokio::spawn(terminate::report_errors(state, stop.clone()));
         }
         let accept_tasks: Vec<_> = loops.into_iter().map(|l| tokio::spawn(l.run())).collect();
 

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::balance::Pool;
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, Mode};
 use crate::metrics::ListenerMetrics;
 
 /// Pending connections the kernel may queue per listening socket. Large, so a reconnect storm
@@ -152,7 +152,10 @@ impl AcceptLoop {
         };
         let drain = self.drain.clone();
         self.tracker.spawn(async move {
-            crate::forward::serve(stream, client, state, drain).await;
+            match state.cfg.mode {
+                Mode::Passthrough => crate::forward::serve(stream, client, state, drain).await,
+                Mode::Terminate => crate::terminate::serve(stream, client, state, drain).await,
+            }
             drop(admitted);
         });
     }

@@ -56,6 +56,9 @@ enum Command {
         /// Address of the gateway's passthrough listener (port 0: ephemeral).
         #[arg(long, default_value = "127.0.0.1:6443")]
         passthrough: std::net::SocketAddr,
+        /// Address of the gateway's terminate listener (port 0: ephemeral).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        terminate: std::net::SocketAddr,
         /// Keep the PKI, kubeconfig and gateway config in this folder (default: a temp folder
         /// removed on exit).
         #[arg(long)]
@@ -96,11 +99,16 @@ fn main() -> ExitCode {
         }
         Command::Demo {
             passthrough,
+            terminate,
             dir,
             threads,
         } => with_runtime(threads, async move {
             apilb::demo::run(
-                apilb::demo::DemoOptions { passthrough, dir },
+                apilb::demo::DemoOptions {
+                    passthrough,
+                    terminate,
+                    dir,
+                },
                 apilb::shutdown::signal(),
             )
             .await

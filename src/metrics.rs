@@ -33,6 +33,11 @@ pub const BACKEND_HEALTHY: &str = "apilb_backend_healthy";
 pub const HEALTH_CHECKS: &str = "apilb_health_checks_total";
 /// `apilb_health_check_duration_seconds{pool,backend}`
 pub const HEALTH_CHECK_DURATION: &str = "apilb_health_check_duration_seconds";
+/// `apilb_tls_handshake_errors_total{listener,reason}`: client-side TLS failures on
+/// terminate listeners. SPEC §4 names it with `listener` only; `reason` (handshake_timeout,
+/// not_tls, client_handshake, backend_tls) is added so an operator can tell a scanner from a
+/// broken backend, and `sum by (listener)` gives SPEC's series.
+pub const TLS_HANDSHAKE_ERRORS: &str = "apilb_tls_handshake_errors_total";
 /// `apilb_pool_fail_open_total{pool}`
 pub const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 
@@ -57,6 +62,7 @@ pub struct Metrics {
     backend_healthy: IntGaugeVec,
     health_checks: IntCounterVec,
     health_check_duration: HistogramVec,
+    tls_handshake_errors: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -167,6 +173,12 @@ impl Metrics {
                     .expect("each metric is registered once");
                 h
             },
+            tls_handshake_errors: counter(
+                &r,
+                TLS_HANDSHAKE_ERRORS,
+                "Client connections to terminate listeners that failed before relaying, by reason.",
+                &["listener", "reason"],
+            ),
             registry: r,
         }
     }
@@ -196,6 +208,20 @@ impl Metrics {
                 .listener_rejected
                 .with_label_values(&[listener, REJECT_NO_BACKEND]),
             accept_errors: self.listener_accept_errors.with_label_values(&[listener]),
+            tls: TlsErrorMetrics {
+                handshake_timeout: self
+                    .tls_handshake_errors
+                    .with_label_values(&[listener, "handshake_timeout"]),
+                not_tls: self
+                    .tls_handshake_errors
+                    .with_label_values(&[listener, "not_tls"]),
+                client_handshake: self
+                    .tls_handshake_errors
+                    .with_label_values(&[listener, "client_handshake"]),
+                backend_tls: self
+                    .tls_handshake_errors
+                    .with_label_values(&[listener, "backend_tls"]),
+            },
         }
     }
 
@@ -243,6 +269,31 @@ pub struct ListenerMetrics {
     pub rejected_no_backend: IntCounter,
     /// accept(2) errors.
     pub accept_errors: IntCounter,
+    /// TLS failures (terminate listeners only).
+    pub tls: TlsErrorMetrics,
+}
+
+/// TLS failures of one terminate listener, by reason.
+#[derive(Debug, Clone)]
+pub struct TlsErrorMetrics {
+    /// No complete handshake within `handshake_timeout` (silent or slow clients).
+    pub handshake_timeout: IntCounter,
+    /// The first bytes were not a TLS ClientHello (plain HTTP, scanners).
+    pub not_tls: IntCounter,
+    /// The client's handshake failed after its ClientHello.
+    pub client_handshake: IntCounter,
+    /// The TLS handshake with a backend failed (counted per backend tried).
+    pub backend_tls: IntCounter,
+}
+
+impl TlsErrorMetrics {
+    /// The sum over reasons.
+    pub fn total(&self) -> u64 {
+        self.handshake_timeout.get()
+            + self.not_tls.get()
+            + self.client_handshake.get()
+            + self.backend_tls.get()
+    }
 }
 
 /// Pre-resolved handles of one backend.

@@ -145,3 +145,106 @@ pub fn subject_and_expiry(der: &[u8]) -> Option<(String, i64)> {
         cert.validity().not_after.timestamp(),
     ))
 }
+
+/// Picks a terminate listener's certificate by SNI: an exact name, then a `*.` wildcard one
+/// label deep, then the default (the first certificate configured).
+#[derive(Debug)]
+pub struct SniResolver {
+    default: Arc<rustls::sign::CertifiedKey>,
+    by_name: Vec<(String, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+impl SniResolver {
+    /// `by_name` holds lower-case names, possibly `*.example.com`.
+    pub fn new(
+        default: Arc<rustls::sign::CertifiedKey>,
+        by_name: Vec<(String, Arc<rustls::sign::CertifiedKey>)>,
+    ) -> Self {
+        Self { default, by_name }
+    }
+
+    /// The certificate for `sni`, and whether a configured name matched.
+    pub fn lookup(&self, sni: Option<&str>) -> (Arc<rustls::sign::CertifiedKey>, bool) {
+        if let Some(name) = sni {
+            let name = name.to_ascii_lowercase();
+            let wildcard = name.split_once('.').map(|(_, rest)| format!("*.{rest}"));
+            for (n, ck) in &self.by_name {
+                if *n == name || Some(n) == wildcard.as_ref() {
+                    return (ck.clone(), true);
+                }
+            }
+        }
+        (self.default.clone(), false)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SniResolver {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.lookup(hello.server_name()).0)
+    }
+}
+
+/// A terminate listener's server configurations: TLS 1.2 and 1.3 (rustls's safe defaults),
+/// no client certificate requested, and the ALPN answer fixed to what the backend chose.
+/// The usual answers are built once; they share one session cache so resumption works
+/// whatever protocol a client ends up with.
+#[derive(Debug)]
+pub struct TerminateServer {
+    certs: Arc<SniResolver>,
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
+    none: Arc<rustls::ServerConfig>,
+    h2: Arc<rustls::ServerConfig>,
+    http11: Arc<rustls::ServerConfig>,
+}
+
+impl TerminateServer {
+    /// Builds the configurations for `certs`.
+    ///
+    /// # Errors
+    /// rustls refused the protocol versions (it does not for the defaults).
+    pub fn new(certs: Arc<SniResolver>) -> Result<Self, rustls::Error> {
+        let sessions: Arc<dyn rustls::server::StoresServerSessions> =
+            rustls::server::ServerSessionMemoryCache::new(4096);
+        let build = |alpn: Option<&[u8]>| Self::build(&certs, &sessions, alpn);
+        Ok(Self {
+            none: build(None)?,
+            h2: build(Some(b"h2"))?,
+            http11: build(Some(b"http/1.1"))?,
+            certs: certs.clone(),
+            sessions: sessions.clone(),
+        })
+    }
+
+    fn build(
+        certs: &Arc<SniResolver>,
+        sessions: &Arc<dyn rustls::server::StoresServerSessions>,
+        alpn: Option<&[u8]>,
+    ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(certs.clone());
+        config.alpn_protocols = alpn.map(<[u8]>::to_vec).into_iter().collect();
+        config.session_storage = sessions.clone();
+        Ok(Arc::new(config))
+    }
+
+    /// The configuration answering ALPN with `alpn`.
+    ///
+    /// # Errors
+    /// Only for an unusual protocol, built on demand, if rustls refused it.
+    pub fn for_alpn(
+        &self,
+        alpn: Option<&[u8]>,
+    ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        match alpn {
+            None => Ok(self.none.clone()),
+            Some(b"h2") => Ok(self.h2.clone()),
+            Some(b"http/1.1") => Ok(self.http11.clone()),
+            Some(other) => Self::build(&self.certs, &self.sessions, Some(other)),
+        }
+    }
+}

@@ -56,7 +56,7 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("unresolvable host", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"no-such-host.invalid:6443\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n", 4, "pool[0].backend[0].address: cannot resolve"),
     ("port out of range", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:65536\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n", 4, "port out of range"),
     ("listen host name", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"localhost:6443\"\npool = \"p\"\n", 7, "listener[0].listen: invalid listen address"),
-    ("terminate not built yet", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\nmode = \"terminate\"\n", 9, "not supported yet"),
+    ("terminate without certificates", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\nmode = \"terminate\"\n", 9, "needs [listener.tls]"),
     ("no listener", "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n", 0, "no [[listener]] is configured"),
 ];
 
@@ -337,7 +337,14 @@ fn demo_instructions(child: &mut Child) -> Vec<String> {
 fn demo_prints_commands_that_work_and_exits_0_on_sigint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(bin())
-        .args(["demo", "--passthrough", "127.0.0.1:0", "--dir"])
+        .args([
+            "demo",
+            "--passthrough",
+            "127.0.0.1:0",
+            "--terminate",
+            "127.0.0.1:0",
+            "--dir",
+        ])
         .arg(dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -389,7 +396,13 @@ fn demo_on_a_taken_port_names_the_flag() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr");
     let out = Command::new(bin())
-        .args(["demo", "--passthrough", &addr.to_string()])
+        .args([
+            "demo",
+            "--passthrough",
+            &addr.to_string(),
+            "--terminate",
+            "127.0.0.1:0",
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("run demo");

@@ -299,7 +299,7 @@ fn slow_start_takes_a_duration_and_zero_turns_it_off() {
 }
 
 #[test]
-fn later_features_say_not_supported_yet() {
+fn terminate_listeners_need_certificates_and_a_verified_pool() {
     let text = GOOD.replace(
         "max_connections = 10",
         "max_connections = 10\nmode = \"terminate\"",
@@ -307,7 +307,23 @@ fn later_features_say_not_supported_yet() {
     let errs = errors(&text);
     assert!(
         errs.iter()
-            .any(|e| e.key == "listener[0].mode" && e.message.contains("not supported yet")),
+            .any(|e| e.key == "listener[0].tls" && e.message.contains("needs [listener.tls]")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "listener[0].pool" && e.message.contains("needs [pool.tls]")),
+        "{errs:#?}"
+    );
+    let text = GOOD.replace(
+        "max_connections = 10",
+        "max_connections = 10\n[listener.tls]\ncert = \"a\"\nkey = \"b\"",
+    );
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "listener[0].tls"
+                && e.message.contains("only for mode = \"terminate\"")),
         "{errs:#?}"
     );
 }

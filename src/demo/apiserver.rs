@@ -314,7 +314,13 @@ async fn serve_conn(
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let cert_identity = cert_identity.clone();
-        async move { Ok::<_, Infallible>(route(&req, &shared, cert_identity.as_ref().as_ref())) }
+        async move {
+            let mut req = req;
+            if req.uri().path() == "/upgrade-echo" {
+                return Ok::<_, Infallible>(upgrade_echo(&mut req));
+            }
+            Ok::<_, Infallible>(route(&req, &shared, cert_identity.as_ref().as_ref()))
+        }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder
@@ -442,6 +448,37 @@ fn route(req: &Request<Incoming>, shared: &Shared, cert: Option<&Identity>) -> R
             "the server could not find the requested resource",
         ),
     }
+}
+
+/// `GET /upgrade-echo` with `Connection: Upgrade` and `Upgrade: echo`: 101, then every byte
+/// the client sends comes back, as on the SPDY/WebSocket streams of `kubectl exec`.
+fn upgrade_echo(req: &mut Request<Incoming>) -> Response<RespBody> {
+    let wants = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("echo"));
+    if !wants || req.version() != hyper::Version::HTTP_11 {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "expected an HTTP/1.1 Upgrade: echo request",
+        );
+    }
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let mut io = TokioIo::new(upgraded);
+            let (mut r, mut w) = tokio::io::split(&mut io);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(hyper::header::CONNECTION, "Upgrade")
+        .header(hyper::header::UPGRADE, "echo")
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
 /// An endless stream of watch events, one JSON object per line, until the client leaves.

@@ -28,6 +28,8 @@ pub const DEMO_TOKEN: &str = "apilb-demo-token";
 pub struct DemoOptions {
     /// The gateway's passthrough listener (`--passthrough`).
     pub passthrough: SocketAddr,
+    /// The gateway's terminate listener with the "public" certificate (`--terminate`).
+    pub terminate: SocketAddr,
     /// Keep the PKI, kubeconfig and config here instead of a temp folder (`--dir`).
     pub dir: Option<PathBuf>,
 }
@@ -124,27 +126,45 @@ pub async fn run(
     }
 
     let config_path = dir.join("apilb.toml");
-    std::fs::write(&config_path, demo_config(opts.passthrough, &servers)).map_err(files_err)?;
+    std::fs::write(&config_path, demo_config(&opts, &servers, &files)).map_err(files_err)?;
     let cfg = crate::config::load(&config_path)?;
     let gateway = match crate::Gateway::start(cfg, shutdown).await {
         Ok(g) => g,
-        Err(crate::StartError::Bind { addr, source, .. }) => {
-            return Err(DemoError::Flag {
-                flag: "--passthrough",
-                addr,
-                source,
-            })
+        Err(crate::StartError::Bind {
+            listener,
+            addr,
+            source,
+        }) => {
+            let flag = if listener == "public" {
+                "--terminate"
+            } else {
+                "--passthrough"
+            };
+            return Err(DemoError::Flag { flag, addr, source });
         }
         Err(e) => return Err(e.into()),
     };
-    let bound = gateway.addr("passthrough").unwrap_or(opts.passthrough);
+    let passthrough = gateway.addr("passthrough").unwrap_or(opts.passthrough);
+    let terminate = gateway.addr("public").unwrap_or(opts.terminate);
 
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, kubeconfig_yaml(&url_base(bound), &pki)).map_err(files_err)?;
-    println!(
-        "{}",
-        instructions(bound, &servers, &files, &kubeconfig, &config_path)
-    );
+    std::fs::write(&kubeconfig, kubeconfig_yaml(&url_base(passthrough), &pki))
+        .map_err(files_err)?;
+    let token_kubeconfig = dir.join("token-kubeconfig");
+    std::fs::write(
+        &token_kubeconfig,
+        token_kubeconfig_yaml(&url_base(terminate), &pki),
+    )
+    .map_err(files_err)?;
+    let shown = Shown {
+        passthrough,
+        terminate,
+        files: &files,
+        kubeconfig: &kubeconfig,
+        token_kubeconfig: &token_kubeconfig,
+        config: &config_path,
+    };
+    println!("{}", instructions(&servers, &shown));
 
     let report = gateway.wait().await;
     tracing::info!(forced = report.forced, "demo stopped");
@@ -153,12 +173,18 @@ pub async fn run(
 }
 
 /// The gateway config the demo runs, written out so users can read and reuse it.
-fn demo_config(passthrough: SocketAddr, servers: &[ApiServer]) -> String {
+fn demo_config(opts: &DemoOptions, servers: &[ApiServer], files: &pki::PkiFiles) -> String {
     let mut s = String::from(
         "# Written by `apilb demo`: the gateway in front of three simulated apiservers.\n\
          # Run it yourself with: apilb run --config <this file>\n\n",
     );
-    s.push_str("[[pool]]\nname = \"apiservers\"\nbalance = \"least-conn\"\nconnect_timeout = \"2s\"\ndrain_timeout = \"5s\"\n");
+    let _ = write!(
+        s,
+        "[[pool]]\nname = \"apiservers\"\nbalance = \"least-conn\"\nconnect_timeout = \"2s\"\ndrain_timeout = \"5s\"\nslow_start = \"10s\"\n\
+         \n  [pool.health]\n  check = \"https\"\n  path = \"/readyz\"\n  interval = \"2s\"\n  timeout = \"1s\"\n\
+         \n  [pool.tls]\n  ca = \"{}\"\n  server_name = \"kubernetes\"\n",
+        files.ca.display()
+    );
     for srv in servers {
         let _ = write!(
             s,
@@ -169,7 +195,13 @@ fn demo_config(passthrough: SocketAddr, servers: &[ApiServer]) -> String {
     }
     let _ = write!(
         s,
-        "\n[[listener]]\nname = \"passthrough\"\nlisten = \"{passthrough}\"\nmode = \"passthrough\"\npool = \"apiservers\"\nidle_timeout = \"1h\"\n"
+        "\n[[listener]]\nname = \"passthrough\"\nlisten = \"{}\"\nmode = \"passthrough\"\npool = \"apiservers\"\nidle_timeout = \"1h\"\n\
+         \n[[listener]]\nname = \"public\"\nlisten = \"{}\"\nmode = \"terminate\"\npool = \"apiservers\"\nidle_timeout = \"1h\"\n\
+         \n  [listener.tls]\n  cert = \"{}\"\n  key = \"{}\"\n  handshake_timeout = \"10s\"\n",
+        opts.passthrough,
+        opts.terminate,
+        files.public_cert.display(),
+        files.public_key.display()
     );
     s
 }
@@ -185,6 +217,16 @@ pub fn url_base(addr: SocketAddr) -> String {
     format!("https://{}", SocketAddr::new(ip, addr.port()))
 }
 
+/// A kubeconfig for a token user of the terminate listener: the public CA, a bearer token,
+/// no client certificate.
+pub fn token_kubeconfig_yaml(server: &str, pki: &Pki) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: apilb-demo-public\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: demo-user\n  user:\n    token: {DEMO_TOKEN}\ncontexts:\n- name: demo-user@apilb-demo-public\n  context:\n    cluster: apilb-demo-public\n    user: demo-user\ncurrent-context: demo-user@apilb-demo-public\n",
+        ca = b64(&pki.public_ca.cert_pem),
+    )
+}
+
 /// An admin kubeconfig pointing at the gateway, with the CA, certificate and key embedded.
 pub fn kubeconfig_yaml(server: &str, pki: &Pki) -> String {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
@@ -196,78 +238,79 @@ pub fn kubeconfig_yaml(server: &str, pki: &Pki) -> String {
     )
 }
 
-fn instructions(
-    gateway: SocketAddr,
-    servers: &[ApiServer],
-    files: &pki::PkiFiles,
-    kubeconfig: &Path,
-    config: &Path,
-) -> String {
-    let url = url_base(gateway);
+/// What the instructions point at.
+struct Shown<'a> {
+    passthrough: SocketAddr,
+    terminate: SocketAddr,
+    files: &'a pki::PkiFiles,
+    kubeconfig: &'a Path,
+    token_kubeconfig: &'a Path,
+    config: &'a Path,
+}
+
+fn instructions(servers: &[ApiServer], w: &Shown<'_>) -> String {
+    let f = w.files;
+    let url = url_base(w.passthrough);
+    let public = url_base(w.terminate);
+    let (ca, public_ca) = (f.ca.display(), f.public_ca.display());
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "apilb demo is running: three simulated kube-apiservers behind a passthrough gateway.\n"
+        "apilb demo is running: three simulated kube-apiservers behind the gateway.\n"
     );
     for srv in servers {
-        let _ = writeln!(s, "  {:<14} {}", srv.name(), srv.addr());
+        let _ = writeln!(s, "  {:<12} {}", srv.name(), srv.addr());
     }
+    let _ = writeln!(s, "  {:<12} {}  passthrough: TLS goes through untouched, so the apiservers see your client certificate", "gateway", w.passthrough);
+    let _ = writeln!(s, "  {:<12} {}  terminate: the gateway's \"public\" certificate, then its own verified TLS to the apiservers", "gateway", w.terminate);
+    let _ = writeln!(s, "  {:<12} {}  (cluster CA, public CA, admin and node certificates, kubeconfigs, apilb.toml)\n", "files", f.dir.display());
+    let _ = writeln!(s, "Certificate users, through the passthrough listener (each answer names the apiserver and who you are):");
     let _ = writeln!(
         s,
-        "  {:<14} {gateway}  (TLS passes through: the apiservers see your client certificate)",
-        "gateway"
+        "  curl --cacert {ca} --cert {} --key {} {url}/whoami",
+        f.admin_cert.display(),
+        f.admin_key.display()
     );
     let _ = writeln!(
         s,
-        "  {:<14} {}  (CA, admin and node certificates, kubeconfig, apilb.toml)\n",
-        "files",
-        files.dir.display()
+        "  curl --cacert {ca} --cert {} --key {} {url}/whoami",
+        f.node_cert.display(),
+        f.node_key.display()
     );
-    let _ = writeln!(
-        s,
-        "Try (each answer names the apiserver that served it and who you are):"
-    );
-    let _ = writeln!(
-        s,
-        "  curl --cacert {} --cert {} --key {} {url}/whoami",
-        files.ca.display(),
-        files.admin_cert.display(),
-        files.admin_key.display()
-    );
-    let _ = writeln!(
-        s,
-        "  curl --cacert {} --cert {} --key {} {url}/whoami",
-        files.ca.display(),
-        files.node_cert.display(),
-        files.node_key.display()
-    );
-    let _ = writeln!(
-        s,
-        "  curl --cacert {} -H 'Authorization: Bearer {DEMO_TOKEN}' {url}/whoami",
-        files.ca.display()
-    );
-    let _ = writeln!(s, "  curl --cacert {} {url}/whoami", files.ca.display());
     let _ = writeln!(
         s,
         "  kubectl --kubeconfig {} get --raw /whoami",
-        kubeconfig.display()
+        w.kubeconfig.display()
     );
     let _ = writeln!(
         s,
         "  kubectl --kubeconfig {} get --raw /version",
-        kubeconfig.display()
+        w.kubeconfig.display()
     );
     let _ = writeln!(
         s,
-        "  curl -N --cacert {} --cert {} --key {} '{url}/api/v1/namespaces/default/pods?watch=1'",
-        files.ca.display(),
-        files.admin_cert.display(),
-        files.admin_key.display()
+        "  curl -N --cacert {ca} --cert {} --key {} '{url}/api/v1/namespaces/default/pods?watch=1'",
+        f.admin_cert.display(),
+        f.admin_key.display()
     );
+    let _ = writeln!(
+        s,
+        "\nToken users and browsers, through the terminate listener (HTTP/2 end to end):"
+    );
+    let _ = writeln!(
+        s,
+        "  curl --cacert {public_ca} -H 'Authorization: Bearer {DEMO_TOKEN}' {public}/whoami"
+    );
+    let _ = writeln!(
+        s,
+        "  kubectl --kubeconfig {} get --raw /whoami",
+        w.token_kubeconfig.display()
+    );
+    let _ = writeln!(s, "  curl --cacert {public_ca} --cert {} --key {} {public}/whoami   # anonymous: the certificate ends at the gateway", f.admin_cert.display(), f.admin_key.display());
     let _ = writeln!(
         s,
         "\nThe gateway's config is {}. Ctrl-C stops the demo.",
-        config.display()
+        w.config.display()
     );
     s
 }

@@ -24,6 +24,9 @@ pub const APISERVER_SANS: &[&str] = &[
     "kubernetes.default.svc",
 ];
 
+/// The SANs of the demo's "public" certificate for the terminate listener.
+pub const PUBLIC_SANS: &[&str] = &["localhost", "127.0.0.1", "::1", "apilb.demo.test"];
+
 /// A certificate and its private key, both PEM.
 #[derive(Debug, Clone)]
 pub struct CertKey {
@@ -159,6 +162,10 @@ pub struct Pki {
     pub admin: CertKey,
     /// CN=system:node:worker0, O=system:nodes.
     pub node: CertKey,
+    /// Stands for a public CA (Let's Encrypt, ACM): what browsers and token users trust.
+    pub public_ca: Ca,
+    /// The terminate listener's certificate from [`Pki::public_ca`], for the loopback names.
+    pub public: CertKey,
 }
 
 /// Paths of a PKI written to a folder.
@@ -180,6 +187,12 @@ pub struct PkiFiles {
     pub node_cert: PathBuf,
     /// `node.key`
     pub node_key: PathBuf,
+    /// `public-ca.crt`
+    pub public_ca: PathBuf,
+    /// `public.crt`
+    pub public_cert: PathBuf,
+    /// `public.key`
+    pub public_key: PathBuf,
 }
 
 impl Pki {
@@ -192,11 +205,15 @@ impl Pki {
         let apiserver = ca.server("kube-apiserver", APISERVER_SANS, 365)?;
         let admin = ca.client("admin", &["system:masters"])?;
         let node = ca.client("system:node:worker0", &["system:nodes"])?;
+        let public_ca = Ca::new("apilb-demo-public-ca")?;
+        let public = public_ca.server("apilb.demo.test", PUBLIC_SANS, 90)?;
         Ok(Self {
             ca,
             apiserver,
             admin,
             node,
+            public_ca,
+            public,
         })
     }
 
@@ -215,6 +232,9 @@ impl Pki {
             admin_key: dir.join("admin.key"),
             node_cert: dir.join("node.crt"),
             node_key: dir.join("node.key"),
+            public_ca: dir.join("public-ca.crt"),
+            public_cert: dir.join("public.crt"),
+            public_key: dir.join("public.key"),
         };
         std::fs::write(&files.ca, &self.ca.cert_pem)?;
         std::fs::write(&files.apiserver_cert, &self.apiserver.cert_pem)?;
@@ -223,6 +243,9 @@ impl Pki {
         write_key(&files.admin_key, &self.admin.key_pem)?;
         std::fs::write(&files.node_cert, &self.node.cert_pem)?;
         write_key(&files.node_key, &self.node.key_pem)?;
+        std::fs::write(&files.public_ca, &self.public_ca.cert_pem)?;
+        std::fs::write(&files.public_cert, &self.public.cert_pem)?;
+        write_key(&files.public_key, &self.public.key_pem)?;
         Ok(files)
     }
 }

@@ -1,0 +1,201 @@
+//! One connection on a terminate listener: TLS ends here, a verified TLS connection of the
+//! gateway's own goes on to the backend.
+//!
+//! The order matters for ALPN (SPEC §3, Terminate listener): read the ClientHello first
+//! (`LazyConfigAcceptor`), connect to a backend offering the client's protocols (filtered by
+//! `alpn`), and only then finish the client's handshake, answering with exactly what the
+//! backend chose. So HTTP/2 works end to end, and a client that asks for http/1.1 only (as
+//! `kubectl exec` does, to upgrade) gets an http/1.1 backend connection. The backend is
+//! verified against `[pool.tls]`; no client certificate is ever presented to it, and none is
+//! asked of the client. After both handshakes the bytes go through [`crate::forward::relay`],
+//! the same copy loop as passthrough.
+//!
+//! Failures before relaying are counted by reason in `apilb_tls_handshake_errors_total` and
+//! logged at debug per connection; `report_errors` writes an info summary at most once a
+//! minute, so a scanner cannot flood the log.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::{Backend, Pool};
+use crate::forward::{connect, log_close, log_connect_failed, relay, tune_socket};
+use crate::listener::ListenerState;
+
+/// Serves one accepted terminate connection to completion.
+pub(crate) async fn serve(
+    tcp: TcpStream,
+    client_addr: SocketAddr,
+    state: Arc<ListenerState>,
+    drain: CancellationToken,
+) {
+    let started = Instant::now();
+    let Some(tls) = state.cfg.tls.as_ref() else {
+        // Validation guarantees [listener.tls] for terminate listeners.
+        return;
+    };
+    let listener = state.cfg.name.as_str();
+    let errors = &state.metrics.tls;
+    tune_socket(&tcp, "client");
+    let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
+
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let start = match tokio::time::timeout_at(deadline, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            if is_not_tls(&e) {
+                errors.not_tls.inc();
+            } else {
+                errors.client_handshake.inc();
+            }
+            tracing::debug!(listener, client = %client_addr, error = %e, "no TLS ClientHello");
+            return;
+        }
+        Err(_) => {
+            errors.handshake_timeout.inc();
+            tracing::debug!(listener, client = %client_addr, "no ClientHello within handshake_timeout");
+            return;
+        }
+    };
+
+    let hello = start.client_hello();
+    let sni = hello.server_name().map(str::to_owned);
+    let offered: Vec<Vec<u8>> = hello
+        .alpn()
+        .map(|protos| {
+            protos
+                .filter(|p| {
+                    tls.alpn
+                        .as_ref()
+                        .is_none_or(|allowed| allowed.iter().any(|a| a.as_bytes() == *p))
+                })
+                .map(<[u8]>::to_vec)
+                .collect()
+        })
+        .unwrap_or_default();
+    if tls.certs.lookup(sni.as_deref()).1 || sni.is_none() {
+        // Matched, or no SNI at all (an IP address): nothing to note.
+    } else {
+        tracing::debug!(listener, client = %client_addr, sni = ?sni, "unknown SNI name: serving the default certificate");
+    }
+
+    let pool = &state.pool;
+    let connected = tokio::select! {
+        r = connect(pool, client_addr, listener, |backend, tcp| {
+            backend_tls(pool, backend, tcp, &offered, &errors.backend_tls)
+        }) => r,
+        () = drain.cancelled() => Err(None),
+    };
+    let (backend_stream, guard) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            // The client's handshake is left unfinished: dropping it closes the connection.
+            log_connect_failed(&state, client_addr, started, e.as_deref());
+            return;
+        }
+    };
+    let selected = backend_stream
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .map(<[u8]>::to_vec);
+    let config = match tls.server.for_alpn(selected.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.client_handshake.inc();
+            tracing::debug!(listener, client = %client_addr, error = %e, "cannot answer the backend's ALPN choice");
+            return;
+        }
+    };
+    // The client's handshake gets a full `handshake_timeout` of its own from here: the time
+    // spent connecting to the backend is the gateway's, not the client's.
+    let client_stream = match tokio::time::timeout(tls.handshake_timeout, start.into_stream(config))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            errors.client_handshake.inc();
+            tracing::debug!(listener, client = %client_addr, error = %e, "client TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            errors.handshake_timeout.inc();
+            tracing::debug!(listener, client = %client_addr, "client TLS handshake timed out");
+            return;
+        }
+    };
+
+    let (cr, cw) = tokio::io::split(client_stream);
+    let (br, bw) = tokio::io::split(backend_stream);
+    let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, &drain).await;
+    log_close(&state, client_addr, guard.backend(), started, &r);
+}
+
+/// The backend half: a TLS handshake verified against `[pool.tls]`, offering `alpn`.
+async fn backend_tls(
+    pool: &Pool,
+    backend: Arc<Backend>,
+    tcp: TcpStream,
+    alpn: &[Vec<u8>],
+    failures: &prometheus::IntCounter,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let Some(pool_tls) = pool.cfg.tls.as_ref() else {
+        return Err("pool has no [pool.tls]".into());
+    };
+    let mut config = (*pool_tls.client).clone();
+    config.alpn_protocols = alpn.to_vec();
+    let name = crate::health::server_name(pool, &backend);
+    match TlsConnector::from(Arc::new(config))
+        .connect(name.clone(), tcp)
+        .await
+    {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            failures.inc();
+            Err(format!(
+                "backend TLS: {}",
+                crate::health::tls_reason(&e, &name)
+            ))
+        }
+    }
+}
+
+/// Whether a failed ClientHello read means the peer does not speak TLS at all.
+fn is_not_tls(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(_))
+    )
+}
+
+/// Logs, at most once a minute and only when something happened, how many clients of a
+/// terminate listener failed before relaying; runs until `stop` is cancelled.
+pub(crate) async fn report_errors(state: Arc<ListenerState>, stop: CancellationToken) {
+    let every = Duration::from_secs(60);
+    let t = &state.metrics.tls;
+    let mut last = t.total();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let now = t.total();
+        if now > last {
+            tracing::info!(
+                listener = %state.cfg.name,
+                failed = now - last,
+                handshake_timeout = t.handshake_timeout.get(),
+                not_tls = t.not_tls.get(),
+                client_handshake = t.client_handshake.get(),
+                backend_tls = t.backend_tls.get(),
+                "TLS clients failed before relaying in the last minute (totals by reason since start)"
+            );
+        }
+        last = now;
+    }
+}

@@ -1,0 +1,434 @@
+//! The terminate listener: public certificate in front, verified TLS to the simulated
+//! apiservers behind, ALPN bridged, no identity lent, bad clients counted and contained.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apilb::demo::apiserver::WhoAmI;
+use apilb::demo::pki::{Ca, Pki, PkiFiles};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Env {
+    pki: Pki,
+    files: PkiFiles,
+    _dir: tempfile::TempDir,
+}
+
+fn env() -> Env {
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = pki.write_to(dir.path()).expect("PKI");
+    Env {
+        pki,
+        files,
+        _dir: dir,
+    }
+}
+
+/// A terminate listener `l` over `backends`, with `extra` appended to `[listener.tls]`.
+fn terminate_config(e: &Env, backends: &[SocketAddr], pool_extra: &str, tls_extra: &str) -> String {
+    format!(
+        "[[pool]]\nname = \"p\"\n{pool_extra}\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"\n{}\n\
+         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nmode = \"terminate\"\npool = \"p\"\n\
+         [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\nhandshake_timeout = \"1s\"\n{tls_extra}\n",
+        e.files.ca.display(),
+        backends_toml(backends),
+        e.files.public_cert.display(),
+        e.files.public_key.display(),
+    )
+}
+
+/// A client that trusts the public CA.
+fn public_client(
+    e: &Env,
+    identity: Option<&apilb::demo::pki::CertKey>,
+    alpn: &[&str],
+) -> Arc<rustls::ClientConfig> {
+    let roots =
+        apilb::tls::roots_from_pem(e.pki.public_ca.cert_pem.as_bytes(), "public").expect("roots");
+    let b = rustls::ClientConfig::builder_with_provider(apilb::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let mut c = match identity {
+        Some(id) => b
+            .with_client_auth_cert(
+                apilb::tls::certs_from_pem(id.cert_pem.as_bytes(), "c").expect("c"),
+                apilb::tls::key_from_pem(id.key_pem.as_bytes(), "k").expect("k"),
+            )
+            .expect("auth"),
+        None => b.with_no_client_auth(),
+    };
+    c.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Arc::new(c)
+}
+
+async fn tls_to(
+    addr: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = std::process::Command::new("curl")
+        .args(args)
+        .output()
+        .expect("run curl (CI installs it)");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn curl_gets_http2_and_http1_end_to_end_with_a_token() {
+    let e = env();
+    let servers = apiservers(&e.pki, 2, "127.0.0.1").await;
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
+    let gw = gateway(&terminate_config(&e, &addrs, "", "")).await;
+    let url = format!("https://localhost:{}/whoami", gw.addr().port());
+    let ca = e.files.public_ca.display().to_string();
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let (url2, ca2, auth2) = (url.clone(), ca.clone(), auth.clone());
+    let h2 = tokio::task::spawn_blocking(move || {
+        curl(&["-sS", "--http2", "--cacert", &ca2, "-H", &auth2, &url2])
+    })
+    .await
+    .expect("join");
+    let who: WhoAmI = serde_json::from_str(&h2).expect("json");
+    assert_eq!(
+        (who.http_version.as_str(), who.user.as_str()),
+        ("HTTP/2.0", "token-user")
+    );
+    let h1 = tokio::task::spawn_blocking(move || {
+        curl(&["-sS", "--http1.1", "--cacert", &ca, "-H", &auth, &url])
+    })
+    .await
+    .expect("join");
+    let who: WhoAmI = serde_json::from_str(&h1).expect("json");
+    assert_eq!(
+        (who.http_version.as_str(), who.user.as_str()),
+        ("HTTP/1.1", "token-user")
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_certificate_never_reaches_the_backend() {
+    let e = env();
+    let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
+    let gw = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
+    // Offered by a rustls client ...
+    let (status, body) = within(
+        10,
+        "whoami",
+        https_get(
+            gw.addr(),
+            public_client(&e, Some(&e.pki.admin), &[]),
+            "localhost",
+            "/whoami",
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let who: WhoAmI = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (who.user.as_str(), who.authenticated_by.as_str()),
+        ("system:anonymous", "anonymous")
+    );
+    // ... and by curl.
+    let url = format!("https://localhost:{}/whoami", gw.addr().port());
+    let f = &e.files;
+    let args: Vec<String> = vec![
+        "-sS".into(),
+        "--cacert".into(),
+        f.public_ca.display().to_string(),
+        "--cert".into(),
+        f.admin_cert.display().to_string(),
+        "--key".into(),
+        f.admin_key.display().to_string(),
+        url,
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&a)
+    })
+    .await
+    .expect("join");
+    assert!(out.contains("system:anonymous"), "{out}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn http1_upgrade_streams_both_ways_and_64_mib_arrive_intact() {
+    let e = env();
+    let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
+    let gw = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
+    // kubectl exec asks for http/1.1 only, to be able to upgrade.
+    let tls = within(
+        10,
+        "handshake",
+        tls_to(
+            gw.addr(),
+            public_client(&e, None, &["http/1.1"]),
+            "localhost",
+        ),
+    )
+    .await
+    .expect("tls");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut r, mut w) = tokio::io::split(tls);
+    w.write_all(b"GET /upgrade-echo HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await.expect("request");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        within(10, "101 headers", r.read_exact(&mut b))
+            .await
+            .expect("read");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+
+    let data = payload(11, 64 << 20);
+    let expected = sha(&data);
+    let writer = tokio::spawn(async move {
+        for chunk in data.chunks(256 * 1024) {
+            w.write_all(chunk).await.expect("write");
+        }
+        w.flush().await.expect("flush");
+        w
+    });
+    let mut got = vec![0u8; 64 << 20];
+    within(120, "64 MiB echoed", r.read_exact(&mut got))
+        .await
+        .expect("read");
+    assert_eq!(
+        sha(&got),
+        expected,
+        "bytes changed through the terminate listener"
+    );
+    drop(writer.await.expect("writer"));
+    drop(r);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn kubectl_with_a_token_kubeconfig_goes_through() {
+    use base64::Engine as _;
+    let e = env();
+    let servers = apiservers(&e.pki, 2, "127.0.0.1").await;
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
+    let gw = gateway(&terminate_config(&e, &addrs, "", "")).await;
+    let kubeconfig = e.files.dir.join("token-kubeconfig");
+    let ca = base64::engine::general_purpose::STANDARD.encode(e.pki.public_ca.cert_pem.as_bytes());
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://localhost:{}\n    certificate-authority-data: {ca}\nusers:\n- name: u\n  user:\n    token: {TOKEN}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
+            gw.addr().port()
+        ),
+    )
+    .expect("kubeconfig");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("kubectl")
+            .args([
+                "--kubeconfig",
+                &kubeconfig.display().to_string(),
+                "get",
+                "--raw",
+                "/whoami",
+            ])
+            .output()
+            .expect("run kubectl (CI installs it)")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let who: WhoAmI = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(who.user, "token-user");
+    assert_eq!(
+        who.http_version, "HTTP/2.0",
+        "kubectl speaks h2 when the gateway bridges it"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn sni_picks_the_certificate_and_unknown_names_get_the_default() {
+    let e = env();
+    let other = e
+        .pki
+        .public_ca
+        .server("other", &["other.test"], 30)
+        .expect("cert");
+    let cert = e.files.dir.join("other.crt");
+    let key = e.files.dir.join("other.key");
+    std::fs::write(&cert, &other.cert_pem).expect("w");
+    std::fs::write(&key, &other.key_pem).expect("w");
+    let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
+    let gw = gateway(&terminate_config(
+        &e,
+        &[servers[0].addr()],
+        "",
+        &format!(
+            "[[listener.tls.sni]]\nnames = [\"other.test\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    ))
+    .await;
+    let cfg = public_client(&e, None, &[]);
+    // other.test verifies only against the SNI certificate ...
+    within(10, "sni", tls_to(gw.addr(), cfg.clone(), "other.test"))
+        .await
+        .expect("SNI certificate served");
+    // ... and apilb.demo.test, configured nowhere, gets the default, which covers it.
+    within(
+        10,
+        "default",
+        tls_to(gw.addr(), cfg.clone(), "apilb.demo.test"),
+    )
+    .await
+    .expect("default certificate served");
+    // The default does not cover other.test, so a wrong pick would fail here:
+    let default_only = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
+    assert!(
+        within(10, "no sni", tls_to(default_only.addr(), cfg, "other.test"))
+            .await
+            .is_err()
+    );
+    default_only.shutdown().await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_backend_from_an_unrelated_ca_is_refused_and_counted_without_harm_to_others() {
+    let e = env();
+    let stranger = Ca::new("stranger").expect("ca");
+    let bad = apiserver_with(
+        "bad",
+        "127.0.0.1:0".parse().expect("a"),
+        &stranger.server("k", &["kubernetes"], 30).expect("c"),
+        &e.pki.ca.cert_pem,
+        true,
+    )
+    .await;
+    let good = apiservers(&e.pki, 1, "127.0.0.1").await;
+    let gw = gateway(&terminate_config(&e, &[bad.addr(), good[0].addr()], "balance = \"round-robin\"\nconnect_attempts = 1\n[pool.health]\ninterval = \"1h\"\nfall = 1", "")).await;
+    let cfg = public_client(&e, None, &[]);
+    // The first client lands on the bad backend: its handshake is never completed.
+    let first = within(10, "first", tls_to(gw.addr(), cfg.clone(), "localhost")).await;
+    assert!(
+        first.is_err(),
+        "a client was served through an unverified backend"
+    );
+    assert_eq!(
+        gw.metric(
+            "apilb_tls_handshake_errors_total",
+            &[("listener", "l"), ("reason", "backend_tls")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        gw.metric(
+            "apilb_listener_rejected_total",
+            &[("listener", "l"), ("reason", "no_backend")]
+        ),
+        1.0
+    );
+    let r = gw.handle().backend_status("p", "b0").expect("b0").reason;
+    assert!(r.contains("unknown authority"), "{r}");
+    // The bad backend is now out (passive health); the next clients are served.
+    for _ in 0..3 {
+        let (status, _) = within(
+            10,
+            "served",
+            https_get(gw.addr(), cfg.clone(), "localhost", "/version", &[]),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn plain_http_garbage_and_silence_are_closed_in_time_and_counted() {
+    let e = env();
+    let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
+    let gw = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
+    let addr = gw.addr();
+    let bad = |bytes: &'static [u8]| async move {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        if !bytes.is_empty() {
+            s.write_all(bytes).await.expect("write");
+        }
+        let mut buf = [0u8; 1024];
+        // Closed by the gateway: EOF or reset, well before the test's own limit.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("connection left open"),
+            }
+        }
+        started.elapsed()
+    };
+    let good = async {
+        // A normal client served while the bad ones hang around.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        https_get(
+            addr,
+            public_client(&e, None, &[]),
+            "localhost",
+            "/version",
+            &[],
+        )
+        .await
+        .0
+    };
+    let (http, garbage, silent, ok) = tokio::join!(
+        bad(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        bad(b"\x8f\x13\xa7\x00\xffrandom bytes\x01\x02\x03\x04\x05"),
+        bad(b""),
+        good
+    );
+    assert_eq!(ok, 200);
+    assert!(
+        http < Duration::from_secs(2) && garbage < Duration::from_secs(2),
+        "{http:?} {garbage:?}"
+    );
+    assert!(
+        silent >= Duration::from_millis(900) && silent < Duration::from_secs(3),
+        "silent client closed after {silent:?}"
+    );
+    let m = |r: &str| {
+        gw.metric(
+            "apilb_tls_handshake_errors_total",
+            &[("listener", "l"), ("reason", r)],
+        )
+    };
+    assert_eq!(m("handshake_timeout"), 1.0);
+    assert!(m("not_tls") >= 1.0, "plain HTTP is not TLS");
+    assert_eq!(m("not_tls") + m("client_handshake"), 2.0);
+    gw.shutdown().await;
+}
