@@ -432,3 +432,65 @@ async fn plain_http_garbage_and_silence_are_closed_in_time_and_counted() {
     assert_eq!(m("not_tls") + m("client_handshake"), 2.0);
     gw.shutdown().await;
 }
+
+/// Runs a shell command, failing the test with its output when it fails.
+fn sh(cmd: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn rsa_pkcs1_ecdsa_sec1_and_ed25519_keys_are_served() {
+    let e = env();
+    let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
+    let d = e.files.dir.display().to_string();
+    let req = "-subj /CN=localhost -addext subjectAltName=DNS:localhost -days 2";
+    // Keys in the formats operators bring, made by openssl: PKCS#1 RSA, SEC1 ECDSA, PKCS#8 Ed25519.
+    let kinds = [
+        ("rsa", format!("openssl genrsa -traditional -out {d}/rsa.key 2048 && openssl req -x509 -key {d}/rsa.key -out {d}/rsa.crt {req}"), "BEGIN RSA PRIVATE KEY"),
+        ("ec", format!("openssl ecparam -name prime256v1 -genkey -noout -out {d}/ec.key && openssl req -x509 -key {d}/ec.key -out {d}/ec.crt {req}"), "BEGIN EC PRIVATE KEY"),
+        ("ed", format!("openssl genpkey -algorithm ed25519 -out {d}/ed.key && openssl req -x509 -key {d}/ed.key -out {d}/ed.crt {req}"), "BEGIN PRIVATE KEY"),
+    ];
+    for (kind, gen, marker) in kinds {
+        tokio::task::spawn_blocking(move || sh(&format!("{gen} 2>&1")))
+            .await
+            .expect("join");
+        let key = std::fs::read_to_string(format!("{d}/{kind}.key")).expect("key");
+        assert!(key.contains(marker), "{kind}: {key}");
+        let cfg = terminate_config(&e, &[servers[0].addr()], "", "").replace(
+            &format!(
+                "cert = \"{}\"\nkey = \"{}\"",
+                e.files.public_cert.display(),
+                e.files.public_key.display()
+            ),
+            &format!("cert = \"{d}/{kind}.crt\"\nkey = \"{d}/{kind}.key\""),
+        );
+        let gw = gateway(&cfg).await;
+        let port = gw.addr().port();
+        let out = tokio::task::spawn_blocking(move || {
+            sh(&format!(
+                "openssl s_client -connect 127.0.0.1:{port} -servername localhost </dev/null 2>&1"
+            ))
+        })
+        .await
+        .expect("join");
+        assert!(
+            out.contains("CN = localhost") || out.contains("CN=localhost"),
+            "{kind}: {out}"
+        );
+        assert!(
+            out.contains("TLSv1.3") || out.contains("TLSv1.2"),
+            "{kind}: {out}"
+        );
+        gw.shutdown().await;
+    }
+}
