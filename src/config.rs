@@ -99,6 +99,20 @@ pub struct Config {
     /// them as errors and go on, since refusing to start would turn one stale certificate
     /// into an outage of every listener (SPEC §2).
     pub expired: Vec<ConfigError>,
+    /// Every certificate the config names (each CA of a bundle its own), for expiry metrics
+    /// and the status page.
+    pub certificates: Vec<CertificateInfo>,
+}
+
+/// One certificate named by the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// Where it comes from, like `listener/public/cert` or `pool/apiservers/ca/0`.
+    pub source: String,
+    /// Its subject.
+    pub subject: String,
+    /// Its notAfter, Unix seconds.
+    pub not_after: i64,
 }
 
 impl Config {
@@ -451,6 +465,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         text,
         errors: Vec::new(),
         expired: Vec::new(),
+        certificates: Vec::new(),
+        scope: String::new(),
     };
     let file: FileConfig = match toml::from_str(text) {
         Ok(f) => f,
@@ -493,6 +509,10 @@ struct Validator<'a> {
     text: &'a str,
     errors: Vec<ConfigError>,
     expired: Vec<ConfigError>,
+    certificates: Vec<CertificateInfo>,
+    /// `pool/NAME` or `listener/NAME` while validating that object: the prefix of
+    /// certificate sources.
+    scope: String,
 }
 
 impl Validator<'_> {
@@ -615,6 +635,7 @@ impl Validator<'_> {
         for (i, l) in file.listener.into_iter().enumerate() {
             let l = l.into_inner();
             let name = l.name.get_ref().trim().to_string();
+            self.scope = format!("listener/{name}");
             if name.is_empty() {
                 self.error(
                     l.name.span(),
@@ -729,6 +750,7 @@ impl Validator<'_> {
             pools,
             listeners,
             expired: std::mem::take(&mut self.expired),
+            certificates: std::mem::take(&mut self.certificates),
         }
     }
 
@@ -739,6 +761,7 @@ impl Validator<'_> {
         if name.is_empty() {
             self.error(p.name.span(), k("name"), "expected a non-empty name");
         }
+        self.scope = format!("pool/{name}");
         let balance = match p.balance.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
             None | Some(("least-conn", _)) => Balance::LeastConn,
             Some(("round-robin", _)) => Balance::RoundRobin,
@@ -917,7 +940,8 @@ impl Validator<'_> {
             }
             a.get_ref().clone()
         });
-        let default = self.certified_key(&t.cert, &t.key, &k("cert"), &k("key"));
+        let source = format!("{}/cert", self.scope);
+        let default = self.certified_key(&t.cert, &t.key, &k("cert"), &k("key"), &source);
         let mut by_name = Vec::new();
         for (j, sni) in t.sni.iter().enumerate() {
             let sni = sni.get_ref();
@@ -925,7 +949,10 @@ impl Validator<'_> {
             if sni.names.get_ref().is_empty() {
                 self.error(sni.names.span(), sk("names"), "expected at least one name");
             }
-            if let Some(ck) = self.certified_key(&sni.cert, &sni.key, &sk("cert"), &sk("key")) {
+            let source = format!("{}/sni/{j}/cert", self.scope);
+            if let Some(ck) =
+                self.certified_key(&sni.cert, &sni.key, &sk("cert"), &sk("key"), &source)
+            {
                 for n in sni.names.get_ref() {
                     by_name.push((n.trim().to_ascii_lowercase(), ck.clone()));
                 }
@@ -956,6 +983,7 @@ impl Validator<'_> {
         key: &Spanned<String>,
         cert_key: &str,
         key_key: &str,
+        source: &str,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         let (cert_path, cert_pem) = self.read(cert, cert_key)?;
         let (key_path, key_pem) = self.read(key, key_key)?;
@@ -966,7 +994,7 @@ impl Validator<'_> {
                 return None;
             }
         };
-        self.expiry(&chain, cert.span(), cert_key, &cert_path);
+        self.expiry(&chain, cert.span(), cert_key, &cert_path, source, false);
         let pk = match crate::tls::key_from_pem(&key_pem, &key_path.display().to_string()) {
             Ok(k) => k,
             Err(e) => {
@@ -988,18 +1016,33 @@ impl Validator<'_> {
     }
 
     /// Notes every certificate of `certs` that has expired, against `key`.
+    /// Records the certificates at `source` (a CA bundle: each as `source/N`; a chain: the
+    /// leaf only) and notes every expired one.
     fn expiry(
         &mut self,
         certs: &[rustls::pki_types::CertificateDer<'_>],
         span: Range<usize>,
         key: &str,
         path: &Path,
+        source: &str,
+        bundle: bool,
     ) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         for (n, c) in certs.iter().enumerate() {
             if let Some((subject, not_after)) = crate::tls::subject_and_expiry(c.as_ref()) {
+                if bundle || n == 0 {
+                    self.certificates.push(CertificateInfo {
+                        source: if bundle {
+                            format!("{source}/{n}")
+                        } else {
+                            source.to_string()
+                        },
+                        subject: subject.clone(),
+                        not_after,
+                    });
+                }
                 if not_after < now {
                     let when = humantime::format_rfc3339_seconds(
                         std::time::UNIX_EPOCH
@@ -1027,7 +1070,8 @@ impl Validator<'_> {
         let key = format!("pool[{i}].tls.ca");
         let (ca, pem) = self.read(&t.ca, &key)?;
         if let Ok(certs) = crate::tls::certs_from_pem(&pem, &ca.display().to_string()) {
-            self.expiry(&certs, t.ca.span(), &key, &ca);
+            let source = format!("{}/ca", self.scope);
+            self.expiry(&certs, t.ca.span(), &key, &ca, &source, true);
         }
         let roots = match crate::tls::roots_from_pem(&pem, &ca.display().to_string()) {
             Ok(r) => r,
@@ -1238,7 +1282,8 @@ impl Validator<'_> {
                 return None;
             }
         };
-        self.expiry(&chain, cert.span(), cert_key, &cert_path);
+        let source = format!("{}/health_client_cert", self.scope);
+        self.expiry(&chain, cert.span(), cert_key, &cert_path, &source, false);
         let pk = match crate::tls::key_from_pem(&key_pem, &key_path.display().to_string()) {
             Ok(k) => k,
             Err(e) => {

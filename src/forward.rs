@@ -158,6 +158,10 @@ pub(crate) fn log_close(
 ) {
     backend.metrics.bytes_up.inc_by(r.up);
     backend.metrics.bytes_down.inc_by(r.down);
+    state
+        .metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
     let error = r.error.as_ref().map(ToString::to_string);
     tracing::info!(
         target: "apilb::access",

@@ -25,6 +25,7 @@
 //! `demo` holds the throwaway PKI and the simulated kube-apiserver used by `apilb demo`,
 //! the tests and the benchmarks.
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod demo;
@@ -101,7 +102,8 @@ pub struct BoundListener {
 #[derive(Debug)]
 pub struct Handle {
     listeners: Vec<BoundListener>,
-    pools: Vec<Arc<Pool>>,
+    admin: Option<SocketAddr>,
+    view: Arc<ArcSwap<admin::View>>,
     metrics: Arc<Metrics>,
     phase: watch::Receiver<Phase>,
     done: tokio::task::JoinHandle<ShutdownReport>,
@@ -121,14 +123,21 @@ impl Handle {
             .and_then(|l| l.addrs.first().copied())
     }
 
-    /// The pools as the data path sees them (backends with their health and counters).
-    pub fn pools(&self) -> &[Arc<Pool>] {
-        &self.pools
+    /// The admin server's bound address, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// The pools as the data path sees them now (backends with their health and counters).
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.view.load().pools.clone()
     }
 
     /// The health status of backend `backend` of pool `pool`.
     pub fn backend_status(&self, pool: &str, backend: &str) -> Option<health::Status> {
-        self.pools
+        self.view
+            .load()
+            .pools
             .iter()
             .find(|p| p.cfg.name == pool)?
             .backends
@@ -222,6 +231,51 @@ impl Gateway {
                 addrs,
             });
         }
+        let admin_socket = match &cfg.admin {
+            Some(a) => Some(listener::bind(a.listen).map_err(|source| StartError::Bind {
+                listener: "admin".into(),
+                addr: a.listen,
+                source,
+            })?),
+            None => None,
+        };
+        let admin_addr = admin_socket.as_ref().and_then(|s| s.local_addr().ok());
+
+        metrics.set_certificates(&cfg.certificates);
+        let view = Arc::new(ArcSwap::from_pointee(admin::View {
+            listeners: cfg
+                .listeners
+                .iter()
+                .zip(&bound)
+                .map(|(l, b)| admin::ListenerView {
+                    name: l.name.clone(),
+                    mode: l.mode,
+                    listen: b.addrs.clone(),
+                    pool: l.pool.clone(),
+                    active: metrics.listener(&l.name).active,
+                })
+                .collect(),
+            pools: pools.clone(),
+            certificates: cfg.certificates.clone(),
+            loaded_at: std::time::SystemTime::now(),
+            last_reload: None,
+        }));
+        let (phase_tx, phase) = watch::channel(Phase::Running);
+        // The admin server outlives draining, so /readyz can say "draining" to keepalived.
+        let admin_stop = CancellationToken::new();
+        if let (Some(socket), Some(addr)) = (admin_socket, admin_addr) {
+            tracing::info!(addr = %addr, "admin server listening");
+            tokio::spawn(admin::serve(
+                socket,
+                admin::Admin {
+                    view: view.clone(),
+                    metrics: metrics.clone(),
+                    phase: phase.clone(),
+                },
+                admin_stop.clone(),
+            ));
+        }
+
         for pool in &pools {
             health::spawn(pool, &stop);
         }
@@ -236,7 +290,6 @@ impl Gateway {
             .map(|p| p.drain_timeout)
             .max()
             .unwrap_or(Duration::ZERO);
-        let (phase_tx, phase) = watch::channel(Phase::Running);
         let done = tokio::spawn(async move {
             shutdown.await;
             let _ = phase_tx.send(Phase::Draining);
@@ -268,12 +321,14 @@ impl Gateway {
                 forced
             };
             let _ = phase_tx.send(Phase::Stopped);
+            admin_stop.cancel();
             ShutdownReport { forced }
         });
 
         Ok(Handle {
             listeners: bound,
-            pools,
+            admin: admin_addr,
+            view,
             metrics,
             phase,
             done,

@@ -59,6 +59,9 @@ enum Command {
         /// Address of the gateway's terminate listener (port 0: ephemeral).
         #[arg(long, default_value = "127.0.0.1:8443")]
         terminate: std::net::SocketAddr,
+        /// Address of the admin server: /status, /metrics, /readyz (port 0: ephemeral).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: std::net::SocketAddr,
         /// Keep the PKI, kubeconfig and gateway config in this folder (default: a temp folder
         /// removed on exit).
         #[arg(long)]
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
         Command::Demo {
             passthrough,
             terminate,
+            admin,
             dir,
             threads,
         } => with_runtime(threads, async move {
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
                 apilb::demo::DemoOptions {
                     passthrough,
                     terminate,
+                    admin,
                     dir,
                 },
                 apilb::shutdown::signal(),

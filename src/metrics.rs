@@ -38,6 +38,12 @@ pub const HEALTH_CHECK_DURATION: &str = "apilb_health_check_duration_seconds";
 /// not_tls, client_handshake, backend_tls) is added so an operator can tell a scanner from a
 /// broken backend, and `sum by (listener)` gives SPEC's series.
 pub const TLS_HANDSHAKE_ERRORS: &str = "apilb_tls_handshake_errors_total";
+/// `apilb_listener_connection_duration_seconds{listener}`: how long proxied connections lived.
+pub const LISTENER_CONNECTION_DURATION: &str = "apilb_listener_connection_duration_seconds";
+/// `apilb_config_reloads_total{result}`
+pub const CONFIG_RELOADS: &str = "apilb_config_reloads_total";
+/// `apilb_certificate_expiry_timestamp_seconds{source}`
+pub const CERTIFICATE_EXPIRY: &str = "apilb_certificate_expiry_timestamp_seconds";
 /// `apilb_pool_fail_open_total{pool}`
 pub const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 
@@ -63,6 +69,9 @@ pub struct Metrics {
     health_checks: IntCounterVec,
     health_check_duration: HistogramVec,
     tls_handshake_errors: IntCounterVec,
+    connection_duration: HistogramVec,
+    config_reloads: IntCounterVec,
+    certificate_expiry: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -179,8 +188,60 @@ impl Metrics {
                 "Client connections to terminate listeners that failed before relaying, by reason.",
                 &["listener", "reason"],
             ),
-            registry: r,
+            connection_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        LISTENER_CONNECTION_DURATION,
+                        "Lifetime of proxied connections, from accept to close.",
+                    )
+                    // From one short request to hour-long watches.
+                    .buckets(vec![0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0]),
+                    &["listener"],
+                )
+                .expect("metric names and labels are static and valid");
+                r.register(Box::new(h.clone()))
+                    .expect("each metric is registered once");
+                h
+            },
+            config_reloads: {
+                let c = counter(&r, CONFIG_RELOADS, "Configuration reloads, by result.", &["result"]);
+                // Both series exist from the start, so an alert on failures has a baseline.
+                c.with_label_values(&["success"]);
+                c.with_label_values(&["failure"]);
+                c
+            },
+            certificate_expiry: gauge(
+                &r,
+                CERTIFICATE_EXPIRY,
+                "notAfter of every certificate the config names (each CA of a bundle its own), Unix seconds.",
+                &["source"],
+            ),
+            registry: {
+                #[cfg(target_os = "linux")]
+                {
+                    // Open fds, RSS, CPU: the process collector of the prometheus crate.
+                    let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+                }
+                r
+            },
         }
+    }
+
+    /// Sets the expiry series to exactly `certs` (series of certificates no longer named go).
+    pub fn set_certificates(&self, certs: &[crate::config::CertificateInfo]) {
+        self.certificate_expiry.reset();
+        for c in certs {
+            self.certificate_expiry
+                .with_label_values(&[c.source.as_str()])
+                .set(c.not_after);
+        }
+    }
+
+    /// Counts one configuration reload.
+    pub fn reload(&self, success: bool) {
+        self.config_reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
     }
 
     /// The registry, for the admin server and for tests.
@@ -208,6 +269,7 @@ impl Metrics {
                 .listener_rejected
                 .with_label_values(&[listener, REJECT_NO_BACKEND]),
             accept_errors: self.listener_accept_errors.with_label_values(&[listener]),
+            duration: self.connection_duration.with_label_values(&[listener]),
             tls: TlsErrorMetrics {
                 handshake_timeout: self
                     .tls_handshake_errors
@@ -269,6 +331,8 @@ pub struct ListenerMetrics {
     pub rejected_no_backend: IntCounter,
     /// accept(2) errors.
     pub accept_errors: IntCounter,
+    /// Lifetime of proxied connections.
+    pub duration: Histogram,
     /// TLS failures (terminate listeners only).
     pub tls: TlsErrorMetrics,
 }

@@ -343,6 +343,8 @@ fn demo_prints_commands_that_work_and_exits_0_on_sigint() {
             "127.0.0.1:0",
             "--terminate",
             "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
             "--dir",
         ])
         .arg(dir.path())
@@ -401,6 +403,8 @@ fn demo_on_a_taken_port_names_the_flag() {
             "--passthrough",
             &addr.to_string(),
             "--terminate",
+            "127.0.0.1:0",
+            "--admin",
             "127.0.0.1:0",
         ])
         .stdin(Stdio::null())

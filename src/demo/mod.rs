@@ -30,6 +30,8 @@ pub struct DemoOptions {
     pub passthrough: SocketAddr,
     /// The gateway's terminate listener with the "public" certificate (`--terminate`).
     pub terminate: SocketAddr,
+    /// The admin server: metrics, readiness, status page (`--admin`).
+    pub admin: SocketAddr,
     /// Keep the PKI, kubeconfig and config here instead of a temp folder (`--dir`).
     pub dir: Option<PathBuf>,
 }
@@ -135,10 +137,10 @@ pub async fn run(
             addr,
             source,
         }) => {
-            let flag = if listener == "public" {
-                "--terminate"
-            } else {
-                "--passthrough"
+            let flag = match listener.as_str() {
+                "public" => "--terminate",
+                "admin" => "--admin",
+                _ => "--passthrough",
             };
             return Err(DemoError::Flag { flag, addr, source });
         }
@@ -146,6 +148,7 @@ pub async fn run(
     };
     let passthrough = gateway.addr("passthrough").unwrap_or(opts.passthrough);
     let terminate = gateway.addr("public").unwrap_or(opts.terminate);
+    let admin = gateway.admin_addr().unwrap_or(opts.admin);
 
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, kubeconfig_yaml(&url_base(passthrough), &pki))
@@ -159,6 +162,7 @@ pub async fn run(
     let shown = Shown {
         passthrough,
         terminate,
+        admin,
         files: &files,
         kubeconfig: &kubeconfig,
         token_kubeconfig: &token_kubeconfig,
@@ -178,6 +182,7 @@ fn demo_config(opts: &DemoOptions, servers: &[ApiServer], files: &pki::PkiFiles)
         "# Written by `apilb demo`: the gateway in front of three simulated apiservers.\n\
          # Run it yourself with: apilb run --config <this file>\n\n",
     );
+    let _ = write!(s, "[admin]\nlisten = \"{}\"\n\n", opts.admin);
     let _ = write!(
         s,
         "[[pool]]\nname = \"apiservers\"\nbalance = \"least-conn\"\nconnect_timeout = \"2s\"\ndrain_timeout = \"5s\"\nslow_start = \"10s\"\n\
@@ -242,6 +247,7 @@ pub fn kubeconfig_yaml(server: &str, pki: &Pki) -> String {
 struct Shown<'a> {
     passthrough: SocketAddr,
     terminate: SocketAddr,
+    admin: SocketAddr,
     files: &'a pki::PkiFiles,
     kubeconfig: &'a Path,
     token_kubeconfig: &'a Path,
@@ -307,6 +313,12 @@ fn instructions(servers: &[ApiServer], w: &Shown<'_>) -> String {
         w.token_kubeconfig.display()
     );
     let _ = writeln!(s, "  curl --cacert {public_ca} --cert {} --key {} {public}/whoami   # anonymous: the certificate ends at the gateway", f.admin_cert.display(), f.admin_key.display());
+    let _ = writeln!(
+        s,
+        "\nWhat the gateway sees: http://{}/status (also /metrics, /readyz, /api/status)",
+        w.admin
+    );
+    let _ = writeln!(s, "  curl -s http://{}/readyz", w.admin);
     let _ = writeln!(
         s,
         "\nThe gateway's config is {}. Ctrl-C stops the demo.",

@@ -275,6 +275,7 @@ pub fn sha(b: &[u8]) -> [u8; 32] {
 pub struct SinkServer {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl SinkServer {
@@ -283,7 +284,7 @@ impl SinkServer {
         let addr = l.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let acc = accepted.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 acc.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
@@ -309,7 +310,19 @@ impl SinkServer {
                 });
             }
         });
-        Self { addr, accepted }
+        Self {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Closes the listening socket (connections already accepted go on).
+    pub async fn stop(&self) {
+        self.task.abort();
+        while !self.task.is_finished() {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -489,4 +502,32 @@ pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) -
     })
     .await;
     started.elapsed()
+}
+
+/// A plain HTTP/1.1 request to the admin server; returns status, headers and body.
+pub async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect admin");
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, head.to_string(), body)
 }
