@@ -33,7 +33,7 @@ async fn relayed() -> (TcpStream, TcpStream, CancellationToken) {
     tokio::spawn(async move {
         let (cr, cw) = gw_client.into_split();
         let (br, bw) = gw_backend.into_split();
-        apilb::forward::relay(cr, cw, br, bw, Duration::from_secs(3600), &s).await;
+        apilb::forward::relay(cr, cw, br, bw, Duration::from_secs(3600), s.cancelled()).await;
     });
     (client, backend, stop)
 }

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendConfig, Balance, PoolConfig, WhenAllDown};
 use crate::health::BackendHealth;
@@ -40,26 +41,54 @@ pub struct Backend {
     /// Metric handles; `metrics.active` is also the least-conn load figure, so the count of
     /// open connections exists exactly once.
     pub metrics: BackendMetrics,
-    /// Health state; the data path reads one atomic flag of it.
-    pub health: BackendHealth,
+    /// Health state; the data path reads one atomic flag of it. Shared with the next
+    /// snapshot's backend of the same address, even if its name or weight changed.
+    pub health: Arc<BackendHealth>,
+    /// Cancelled when the backend's connections must end: at the shutdown deadline (it is a
+    /// child of the gateway's drain token) or `drain_timeout` after a reload removed it.
+    pub drain: CancellationToken,
     /// When the slow-start ramp began, as [`now_ms`] + 1; 0 while not ramping.
     ramp_start: AtomicU64,
 }
 
 impl Backend {
-    /// Builds a backend with its metric handles resolved.
-    pub fn new(pool: &str, cfg: &BackendConfig, metrics: &Metrics) -> Self {
+    /// Builds a backend with its metric handles resolved. `healthy` is its state until the
+    /// first check ends: true at start-up (the gateway serves from its first second), false
+    /// for a backend a reload added (it takes traffic once a check passed).
+    pub fn new(
+        pool: &str,
+        cfg: &BackendConfig,
+        metrics: &Metrics,
+        healthy: bool,
+        drain: &CancellationToken,
+    ) -> Self {
         let metrics = metrics.backend(pool, &cfg.name);
-        // Healthy until the first check ends, so the gateway serves from its first second.
-        metrics.healthy.set(1);
+        metrics.healthy.set(i64::from(healthy));
         Self {
             name: cfg.name.clone(),
             address: cfg.address.clone(),
             addr: cfg.addr,
             weight: cfg.weight.max(1),
             metrics,
-            health: BackendHealth::new(true),
+            health: Arc::new(BackendHealth::new(healthy)),
+            drain: drain.child_token(),
             ramp_start: AtomicU64::new(0),
+        }
+    }
+
+    /// The same backend under a new name or weight: health, drain token and ramp carry over.
+    fn renamed(&self, pool: &str, cfg: &BackendConfig, metrics: &Metrics) -> Self {
+        let m = metrics.backend(pool, &cfg.name);
+        m.healthy.set(i64::from(self.health.is_healthy()));
+        Self {
+            name: cfg.name.clone(),
+            address: cfg.address.clone(),
+            addr: cfg.addr,
+            weight: cfg.weight.max(1),
+            metrics: m,
+            health: self.health.clone(),
+            drain: self.drain.clone(),
+            ramp_start: AtomicU64::new(self.ramp_start.load(Ordering::Relaxed)),
         }
     }
 
@@ -135,18 +164,24 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Builds a pool from its config, reusing `existing` backends by address so that live
-    /// counters survive a reload.
-    pub fn new(cfg: Arc<PoolConfig>, metrics: &Metrics, existing: &[Arc<Backend>]) -> Self {
+    /// Builds a pool from its config. A backend of `existing` with the same address is the
+    /// same backend (SPEC §3, Hot reload): reused as is, or, if its name or weight changed,
+    /// rebuilt around the same health state and drain token. Other backends are new and start
+    /// `healthy_at_first` (see [`Backend::new`]); their drain tokens are children of `drain`.
+    pub fn new(
+        cfg: Arc<PoolConfig>,
+        metrics: &Metrics,
+        existing: &[Arc<Backend>],
+        healthy_at_first: bool,
+        drain: &CancellationToken,
+    ) -> Self {
         let backends: Vec<Arc<Backend>> = cfg
             .backends
             .iter()
-            .map(|b| {
-                existing
-                    .iter()
-                    .find(|e| e.addr == b.addr && e.name == b.name && e.weight == b.weight)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Backend::new(&cfg.name, b, metrics)))
+            .map(|b| match existing.iter().find(|e| e.addr == b.addr) {
+                Some(e) if e.name == b.name && e.weight == b.weight => e.clone(),
+                Some(e) => Arc::new(e.renamed(&cfg.name, b, metrics)),
+                None => Arc::new(Backend::new(&cfg.name, b, metrics, healthy_at_first, drain)),
             })
             .collect();
         let total_weight = backends.iter().map(|b| b.weight as usize).sum();
@@ -379,7 +414,13 @@ mod tests {
             health: Default::default(),
             tls: None,
         };
-        Pool::new(Arc::new(cfg), &Metrics::new(), &[])
+        Pool::new(
+            Arc::new(cfg),
+            &Metrics::new(),
+            &[],
+            true,
+            &CancellationToken::new(),
+        )
     }
 
     fn counts(p: &Pool, n: usize) -> Vec<usize> {
@@ -503,8 +544,30 @@ mod tests {
         let metrics = Metrics::new();
         let p1 = pool(Balance::LeastConn, &[1, 1]);
         let _g = ActiveGuard::new(p1.backends[0].clone());
-        let p2 = Pool::new(p1.cfg.clone(), &metrics, &p1.backends);
+        let p2 = Pool::new(
+            p1.cfg.clone(),
+            &metrics,
+            &p1.backends,
+            false,
+            &CancellationToken::new(),
+        );
         assert!(Arc::ptr_eq(&p1.backends[0], &p2.backends[0]));
         assert_eq!(p2.backends[0].active(), 1);
+        // Renamed: a new object around the same health and drain token.
+        let mut cfg = (*p1.cfg).clone();
+        cfg.backends[1].name = "renamed".into();
+        let p3 = Pool::new(
+            Arc::new(cfg),
+            &metrics,
+            &p2.backends,
+            false,
+            &CancellationToken::new(),
+        );
+        assert!(Arc::ptr_eq(&p2.backends[1].health, &p3.backends[1].health));
+        assert_eq!(p3.backends[1].name, "renamed");
+        assert!(
+            p3.backends[1].health.is_healthy(),
+            "carried over, not a new backend"
+        );
     }
 }

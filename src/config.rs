@@ -102,6 +102,8 @@ pub struct Config {
     /// Every certificate the config names (each CA of a bundle its own), for expiry metrics
     /// and the status page.
     pub certificates: Vec<CertificateInfo>,
+    /// Every file the config names (certificates, keys, CA bundles), watched for changes.
+    pub files: Vec<PathBuf>,
 }
 
 /// One certificate named by the config.
@@ -466,6 +468,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         errors: Vec::new(),
         expired: Vec::new(),
         certificates: Vec::new(),
+        files: Vec::new(),
         scope: String::new(),
     };
     let file: FileConfig = match toml::from_str(text) {
@@ -510,6 +513,7 @@ struct Validator<'a> {
     errors: Vec<ConfigError>,
     expired: Vec<ConfigError>,
     certificates: Vec<CertificateInfo>,
+    files: Vec<PathBuf>,
     /// `pool/NAME` or `listener/NAME` while validating that object: the prefix of
     /// certificate sources.
     scope: String,
@@ -751,6 +755,7 @@ impl Validator<'_> {
             listeners,
             expired: std::mem::take(&mut self.expired),
             certificates: std::mem::take(&mut self.certificates),
+            files: std::mem::take(&mut self.files),
         }
     }
 
@@ -899,6 +904,9 @@ impl Validator<'_> {
     /// Reads a file named by the config, reporting a failure against its key.
     fn read(&mut self, v: &Spanned<String>, key: &str) -> Option<(PathBuf, Vec<u8>)> {
         let path = self.path(v.get_ref());
+        if !self.files.contains(&path) {
+            self.files.push(path.clone());
+        }
         match std::fs::read(&path) {
             Ok(b) => Some((path, b)),
             Err(e) => {

@@ -101,17 +101,12 @@ pub(crate) fn tune_socket(stream: &TcpStream, role: &'static str) {
 // === One connection ===
 
 /// Serves one accepted passthrough connection to completion.
-pub(crate) async fn serve(
-    client: TcpStream,
-    client_addr: SocketAddr,
-    state: Arc<ListenerState>,
-    drain: CancellationToken,
-) {
+pub(crate) async fn serve(client: TcpStream, client_addr: SocketAddr, state: Arc<ListenerState>) {
     let started = Instant::now();
     tune_socket(&client, "client");
     let connected = tokio::select! {
         r = connect(&state.pool, client_addr, &state.cfg.name, |_, tcp| async move { Ok(tcp) }) => r,
-        () = drain.cancelled() => Err(None),
+        () = state.drain.cancelled() => Err(None),
     };
     let (backend_stream, guard) = match connected {
         Ok(c) => c,
@@ -122,8 +117,17 @@ pub(crate) async fn serve(
     };
     let (cr, cw) = client.into_split();
     let (br, bw) = backend_stream.into_split();
-    let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, &drain).await;
+    let drain = drained(&state.drain, &guard.backend().drain);
+    let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, drain).await;
     log_close(&state, client_addr, guard.backend(), started, &r);
+}
+
+/// Completes when the connection must end: its listener or its backend is drained.
+pub(crate) async fn drained(listener: &CancellationToken, backend: &CancellationToken) {
+    tokio::select! {
+        () = listener.cancelled() => {}
+        () = backend.cancelled() => {}
+    }
 }
 
 /// The access-log line of a client that never reached a backend, and its counter.
@@ -273,7 +277,7 @@ impl RelayRead for OwnedReadHalf {
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> RelayRead for tokio::io::ReadHalf<T> {}
 
 /// Relays bytes both ways between a client and a backend until both directions reached
-/// EOF, an error occurs, nothing moved for `idle`, or `drain` is cancelled. This is the one
+/// EOF, an error occurs, nothing moved for `idle`, or `drain` completes. This is the one
 /// copy loop: passthrough passes TCP halves, terminate passes TLS halves.
 ///
 /// Half-close is propagated: EOF from one side shuts down writing towards the other (for
@@ -284,7 +288,7 @@ pub async fn relay<CR, CW, BR, BW>(
     mut backend_r: BR,
     mut backend_w: BW,
     idle: Duration,
-    drain: &CancellationToken,
+    drain: impl std::future::Future<Output = ()>,
 ) -> Relayed
 where
     CR: RelayRead,
@@ -318,6 +322,7 @@ where
     let mut first_eof: Option<End> = None;
     let idle_sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(start) + idle);
     let mut idle_sleep = pin!(idle_sleep);
+    let mut drain = pin!(drain);
 
     let (end, error) = loop {
         tokio::select! {
@@ -346,7 +351,7 @@ where
                 }
                 idle_sleep.as_mut().reset(next);
             },
-            () = drain.cancelled() => break (End::Drained, None),
+            () = &mut drain => break (End::Drained, None),
         }
     };
     Relayed {

@@ -176,6 +176,14 @@ pub(crate) fn spawn(pool: &Arc<Pool>, stop: &CancellationToken) {
             let backend = pool.backends[i].clone();
             let cfg = &pool.cfg.health;
             let name = server_name(&pool, &backend);
+            // A backend carried over by a reload keeps its state and is next checked after an
+            // interval; one never checked (at start, or added by a reload) is checked at once.
+            if backend.health.status().last_check.is_some() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(jittered(cfg.interval)) => {}
+                }
+            }
             loop {
                 let started = Instant::now();
                 // A check in flight is not cut short by shutdown (it is bounded by its

@@ -33,6 +33,7 @@ pub mod forward;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod reload;
 pub mod shutdown;
 pub mod terminate;
 pub mod tls;
@@ -40,16 +41,13 @@ pub mod tls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::balance::Pool;
 use crate::config::Config;
-use crate::listener::{AcceptLoop, ListenerState};
 use crate::metrics::Metrics;
 
 /// Failure to start the gateway.
@@ -102,6 +100,7 @@ pub struct BoundListener {
 #[derive(Debug)]
 pub struct Handle {
     listeners: Vec<BoundListener>,
+    reloader: reload::Reloader,
     admin: Option<SocketAddr>,
     view: Arc<ArcSwap<admin::View>>,
     metrics: Arc<Metrics>,
@@ -121,6 +120,16 @@ impl Handle {
             .iter()
             .find(|l| l.name == name)
             .and_then(|l| l.addrs.first().copied())
+    }
+
+    /// A handle that reloads the configuration (what SIGHUP does).
+    pub fn reloader(&self) -> reload::Reloader {
+        self.reloader.clone()
+    }
+
+    /// The listeners with their bound addresses as of now (a reload may have changed them).
+    pub async fn current_listeners(&self) -> Vec<BoundListener> {
+        self.reloader.0.lock().await.bound()
     }
 
     /// The admin server's bound address, when configured.
@@ -179,58 +188,7 @@ impl Gateway {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Handle, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let stop = CancellationToken::new();
-        let drain = CancellationToken::new();
-        let tracker = TaskTracker::new();
-
-        let pools: Vec<Arc<Pool>> = cfg
-            .pools
-            .iter()
-            .map(|p| Arc::new(Pool::new(p.clone(), &metrics, &[])))
-            .collect();
-
-        // Bind everything before spawning anything, so a bind failure leaves nothing behind.
-        let mut bound = Vec::new();
-        let mut loops = Vec::new();
-        let mut reporters = Vec::new();
-        for l in &cfg.listeners {
-            let pool = pools
-                .iter()
-                .find(|p| p.cfg.name == l.pool)
-                .cloned()
-                .ok_or_else(|| StartError::UnknownPool(l.name.clone()))?;
-            let state = Arc::new(ArcSwap::from_pointee(ListenerState {
-                cfg: l.clone(),
-                pool,
-                metrics: metrics.listener(&l.name),
-            }));
-            if l.mode == config::Mode::Terminate {
-                reporters.push(state.load_full());
-            }
-            let limit = Arc::new(Semaphore::new(l.max_connections as usize));
-            let mut addrs = Vec::new();
-            for &addr in &l.listen {
-                let socket = listener::bind(addr).map_err(|source| StartError::Bind {
-                    listener: l.name.clone(),
-                    addr,
-                    source,
-                })?;
-                addrs.push(socket.local_addr().unwrap_or(addr));
-                loops.push(AcceptLoop {
-                    listener: socket,
-                    state: state.clone(),
-                    limit: limit.clone(),
-                    stop: stop.clone(),
-                    drain: drain.clone(),
-                    tracker: tracker.clone(),
-                });
-            }
-            tracing::info!(listener = %l.name, mode = l.mode.as_str(), pool = %l.pool, addrs = ?addrs, "listening");
-            bound.push(BoundListener {
-                name: l.name.clone(),
-                addrs,
-            });
-        }
+        // Bind the admin socket before anything runs, so a bind failure leaves nothing behind.
         let admin_socket = match &cfg.admin {
             Some(a) => Some(listener::bind(a.listen).map_err(|source| StartError::Bind {
                 listener: "admin".into(),
@@ -240,26 +198,17 @@ impl Gateway {
             None => None,
         };
         let admin_addr = admin_socket.as_ref().and_then(|s| s.local_addr().ok());
+        let running = reload::Running::start(cfg, metrics.clone())?;
+        let listeners = running.bound();
+        let view = running.view.clone();
+        let (stop, drain, tracker, accepts) = (
+            running.stop.clone(),
+            running.drain.clone(),
+            running.tracker.clone(),
+            running.accepts.clone(),
+        );
+        let reloader = reload::Reloader(Arc::new(tokio::sync::Mutex::new(running)));
 
-        metrics.set_certificates(&cfg.certificates);
-        let view = Arc::new(ArcSwap::from_pointee(admin::View {
-            listeners: cfg
-                .listeners
-                .iter()
-                .zip(&bound)
-                .map(|(l, b)| admin::ListenerView {
-                    name: l.name.clone(),
-                    mode: l.mode,
-                    listen: b.addrs.clone(),
-                    pool: l.pool.clone(),
-                    active: metrics.listener(&l.name).active,
-                })
-                .collect(),
-            pools: pools.clone(),
-            certificates: cfg.certificates.clone(),
-            loaded_at: std::time::SystemTime::now(),
-            last_reload: None,
-        }));
         let (phase_tx, phase) = watch::channel(Phase::Running);
         // The admin server outlives draining, so /readyz can say "draining" to keepalived.
         let admin_stop = CancellationToken::new();
@@ -275,28 +224,18 @@ impl Gateway {
                 admin_stop.clone(),
             ));
         }
+        tokio::spawn(reload::watch_files(reloader.clone(), stop.clone()));
 
-        for pool in &pools {
-            health::spawn(pool, &stop);
-        }
-        for state in reporters {
-            tokio::spawn(terminate::report_errors(state, stop.clone()));
-        }
-        let accept_tasks: Vec<_> = loops.into_iter().map(|l| tokio::spawn(l.run())).collect();
-
-        let drain_deadline = cfg
-            .pools
-            .iter()
-            .map(|p| p.drain_timeout)
-            .max()
-            .unwrap_or(Duration::ZERO);
+        let shutdown_reloader = reloader.clone();
         let done = tokio::spawn(async move {
             shutdown.await;
+            // Holding the lock keeps a reload from binding new sockets while shutting down.
+            let running = shutdown_reloader.0.lock().await;
+            let drain_deadline = running.drain_deadline();
             let _ = phase_tx.send(Phase::Draining);
             stop.cancel();
-            for t in accept_tasks {
-                let _ = t.await;
-            }
+            accepts.close();
+            accepts.wait().await;
             tracker.close();
             let open = tracker.len();
             tracing::info!(
@@ -320,15 +259,17 @@ impl Gateway {
                 tracker.wait().await;
                 forced
             };
+            drop(running);
             let _ = phase_tx.send(Phase::Stopped);
             admin_stop.cancel();
             ShutdownReport { forced }
         });
 
         Ok(Handle {
-            listeners: bound,
+            listeners,
             admin: admin_addr,
             view,
+            reloader,
             metrics,
             phase,
             done,

@@ -42,6 +42,12 @@ pub struct ListenerState {
     pub pool: Arc<Pool>,
     /// Its metric handles.
     pub metrics: ListenerMetrics,
+    /// Permits for `max_connections`, shared by all addresses of the listener and kept
+    /// across reloads (open connections hold permits).
+    pub limit: Arc<Semaphore>,
+    /// Cancelled when the listener's connections must end: at the shutdown deadline, or
+    /// after a reload removed the listener and the drain time passed.
+    pub drain: CancellationToken,
 }
 
 /// Binds one listening address.
@@ -79,12 +85,8 @@ pub(crate) struct AcceptLoop {
     pub listener: TcpListener,
     /// The listener's current state; swapped by reload.
     pub state: Arc<ArcSwap<ListenerState>>,
-    /// Permits for `max_connections`, shared by all addresses of the listener.
-    pub limit: Arc<Semaphore>,
-    /// Cancelled to stop accepting (shutdown, listener removed).
+    /// Cancelled to stop accepting (shutdown, address removed by a reload).
     pub stop: CancellationToken,
-    /// Cancelled to close the connections that are still open when draining ends.
-    pub drain: CancellationToken,
     /// Tracks connection tasks so shutdown can wait for them.
     pub tracker: TaskTracker,
 }
@@ -133,7 +135,7 @@ impl AcceptLoop {
 
     fn admit(&self, stream: tokio::net::TcpStream, client: SocketAddr) {
         let state = self.state.load_full();
-        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+        let Ok(permit) = state.limit.clone().try_acquire_owned() else {
             state.metrics.rejected_max_connections.inc();
             tracing::debug!(
                 listener = %state.cfg.name,
@@ -150,11 +152,10 @@ impl AcceptLoop {
             _permit: permit,
             active: state.metrics.active.clone(),
         };
-        let drain = self.drain.clone();
         self.tracker.spawn(async move {
             match state.cfg.mode {
-                Mode::Passthrough => crate::forward::serve(stream, client, state, drain).await,
-                Mode::Terminate => crate::terminate::serve(stream, client, state, drain).await,
+                Mode::Passthrough => crate::forward::serve(stream, client, state).await,
+                Mode::Terminate => crate::terminate::serve(stream, client, state).await,
             }
             drop(admitted);
         });

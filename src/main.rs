@@ -88,13 +88,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            for e in &cfg.expired {
-                tracing::error!("{e} (running anyway: fix before clients notice)");
-            }
             with_runtime(threads, async move {
                 let gateway = apilb::Gateway::start(cfg, apilb::shutdown::signal())
                     .await
                     .map_err(|e| e.to_string())?;
+                tokio::spawn(apilb::shutdown::reload_on_sighup(gateway.reloader()));
                 let report = gateway.wait().await;
                 tracing::info!(forced = report.forced, "stopped");
                 Ok(())

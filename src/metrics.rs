@@ -44,6 +44,8 @@ pub const LISTENER_CONNECTION_DURATION: &str = "apilb_listener_connection_durati
 pub const CONFIG_RELOADS: &str = "apilb_config_reloads_total";
 /// `apilb_certificate_expiry_timestamp_seconds{source}`
 pub const CERTIFICATE_EXPIRY: &str = "apilb_certificate_expiry_timestamp_seconds";
+/// `apilb_config_info{hash}`: 1 for the content hash of the running config.
+pub const CONFIG_INFO: &str = "apilb_config_info";
 /// `apilb_pool_fail_open_total{pool}`
 pub const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 
@@ -72,6 +74,7 @@ pub struct Metrics {
     connection_duration: HistogramVec,
     config_reloads: IntCounterVec,
     certificate_expiry: IntGaugeVec,
+    config_info: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -216,6 +219,12 @@ impl Metrics {
                 "notAfter of every certificate the config names (each CA of a bundle its own), Unix seconds.",
                 &["source"],
             ),
+            config_info: gauge(
+                &r,
+                CONFIG_INFO,
+                "1 for the content hash of the running configuration (changes on each applied reload).",
+                &["hash"],
+            ),
             registry: {
                 #[cfg(target_os = "linux")]
                 {
@@ -235,6 +244,12 @@ impl Metrics {
                 .with_label_values(&[c.source.as_str()])
                 .set(c.not_after);
         }
+    }
+
+    /// Marks `hash` as the running configuration's.
+    pub fn set_config_hash(&self, hash: &str) {
+        self.config_info.reset();
+        self.config_info.with_label_values(&[hash]).set(1);
     }
 
     /// Counts one configuration reload.

@@ -1,4 +1,4 @@
-//! Process signals that end the gateway.
+//! Process signals: the ones that end the gateway, and SIGHUP, which reloads it.
 //!
 //! The gateway itself never listens for signals: [`crate::Gateway::start`] takes shutdown as
 //! a future, so tests drive it with a channel and `main` passes [`signal`]. What happens
@@ -30,5 +30,29 @@ pub async fn signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutdown requested");
+    }
+}
+
+/// Reloads on every SIGHUP, for as long as the process runs. A failed reload is logged and
+/// counted by the reload itself; the running configuration stays.
+pub async fn reload_on_sighup(reloader: crate::reload::Reloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGHUP handler; reload by editing the config file");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!(signal = "SIGHUP", "reload requested");
+            let _ = reloader.reload().await;
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
     }
 }

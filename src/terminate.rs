@@ -24,16 +24,11 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Backend, Pool};
-use crate::forward::{connect, log_close, log_connect_failed, relay, tune_socket};
+use crate::forward::{connect, drained, log_close, log_connect_failed, relay, tune_socket};
 use crate::listener::ListenerState;
 
 /// Serves one accepted terminate connection to completion.
-pub(crate) async fn serve(
-    tcp: TcpStream,
-    client_addr: SocketAddr,
-    state: Arc<ListenerState>,
-    drain: CancellationToken,
-) {
+pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<ListenerState>) {
     let started = Instant::now();
     let Some(tls) = state.cfg.tls.as_ref() else {
         // Validation guarantees [listener.tls] for terminate listeners.
@@ -89,7 +84,7 @@ pub(crate) async fn serve(
         r = connect(pool, client_addr, listener, |backend, tcp| {
             backend_tls(pool, backend, tcp, &offered, &errors.backend_tls)
         }) => r,
-        () = drain.cancelled() => Err(None),
+        () = state.drain.cancelled() => Err(None),
     };
     let (backend_stream, guard) = match connected {
         Ok(c) => c,
@@ -132,7 +127,8 @@ pub(crate) async fn serve(
 
     let (cr, cw) = tokio::io::split(client_stream);
     let (br, bw) = tokio::io::split(backend_stream);
-    let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, &drain).await;
+    let drain = drained(&state.drain, &guard.backend().drain);
+    let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, drain).await;
     log_close(&state, client_addr, guard.backend(), started, &r);
 }
 
