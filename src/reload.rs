@@ -1,8 +1,8 @@
 //! The running gateway's moving parts, and hot reload: load, validate, diff, apply.
 //!
-//! [`Running`] owns the listening sockets, the listener states the accept loops read, the
+//! `Running` owns the listening sockets, the listener states the accept loops read, the
 //! pools, the health loops and the admin view. It is built once by `Gateway::start` and
-//! changed only by [`Running::reload`], which first loads and validates the whole new config
+//! changed only by `Running::reload`, which first loads and validates the whole new config
 //! with the same code as `apilb check` (nothing changes if that fails), then binds every new
 //! address (a bind failure also changes nothing), and only then applies the difference:
 //!
@@ -15,7 +15,7 @@
 //!   an added backend takes traffic once its first check passed; a removed one gets no new
 //!   connections and its open ones are closed after its pool's `drain_timeout`.
 //!
-//! Triggers: `Reloader::reload` (SIGHUP in `main`) and [`watch_files`], which polls the config
+//! Triggers: `Reloader::reload` (SIGHUP in `main`) and `watch_files`, which polls the config
 //! file and every file it names, so atomic renames and editors that replace files are seen.
 
 use std::collections::HashMap;

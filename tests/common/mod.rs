@@ -531,3 +531,25 @@ pub async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, 
     };
     (status, head.to_string(), body)
 }
+
+/// Writes `text` to `path` atomically (a temp file renamed over it), as careful tools do.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// A gateway started from a config file, so it can reload it.
+pub async fn gateway_file(path: &Path) -> Gw {
+    let cfg = apilb::config::load(path).unwrap_or_else(|e| panic!("config should be valid:\n{e}"));
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = apilb::Gateway::start(cfg, async move {
+        let _ = rx.await;
+    })
+    .await
+    .expect("gateway starts");
+    Gw {
+        handle: Some(handle),
+        stop: Some(tx),
+    }
+}
