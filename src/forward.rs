@@ -50,6 +50,16 @@ pub enum End {
 }
 
 impl End {
+    /// The ends of a connection that reached a backend, in the order of
+    /// `ListenerMetrics::closed`.
+    pub const PROXIED: [Self; 5] = [
+        Self::ClientClosed,
+        Self::BackendClosed,
+        Self::IdleTimeout,
+        Self::Drained,
+        Self::Error,
+    ];
+
     /// The name used in logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -166,6 +176,9 @@ pub(crate) fn log_close(
         .metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
+    if let Some(i) = End::PROXIED.iter().position(|e| *e == r.end) {
+        state.metrics.closed[i].inc();
+    }
     let error = r.error.as_ref().map(ToString::to_string);
     tracing::info!(
         target: "apilb::access",

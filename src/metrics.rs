@@ -44,6 +44,9 @@ pub const LISTENER_CONNECTION_DURATION: &str = "apilb_listener_connection_durati
 pub const CONFIG_RELOADS: &str = "apilb_config_reloads_total";
 /// `apilb_certificate_expiry_timestamp_seconds{source}`
 pub const CERTIFICATE_EXPIRY: &str = "apilb_certificate_expiry_timestamp_seconds";
+/// `apilb_listener_closed_total{listener,end}`: proxied connections by how they ended
+/// (the `end` of the access log: client_closed, backend_closed, idle_timeout, drained, error).
+pub const LISTENER_CLOSED: &str = "apilb_listener_closed_total";
 /// `apilb_config_info{hash}`: 1 for the content hash of the running config.
 pub const CONFIG_INFO: &str = "apilb_config_info";
 /// `apilb_pool_fail_open_total{pool}`
@@ -75,6 +78,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     config_info: IntGaugeVec,
+    listener_closed: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -225,6 +229,12 @@ impl Metrics {
                 "1 for the content hash of the running configuration (changes on each applied reload).",
                 &["hash"],
             ),
+            listener_closed: counter(
+                &r,
+                LISTENER_CLOSED,
+                "Proxied connections by how they ended.",
+                &["listener", "end"],
+            ),
             registry: {
                 #[cfg(target_os = "linux")]
                 {
@@ -285,6 +295,10 @@ impl Metrics {
                 .with_label_values(&[listener, REJECT_NO_BACKEND]),
             accept_errors: self.listener_accept_errors.with_label_values(&[listener]),
             duration: self.connection_duration.with_label_values(&[listener]),
+            closed: crate::forward::End::PROXIED.map(|end| {
+                self.listener_closed
+                    .with_label_values(&[listener, end.as_str()])
+            }),
             tls: TlsErrorMetrics {
                 handshake_timeout: self
                     .tls_handshake_errors
@@ -348,6 +362,8 @@ pub struct ListenerMetrics {
     pub accept_errors: IntCounter,
     /// Lifetime of proxied connections.
     pub duration: Histogram,
+    /// Proxied connections by end, indexed like [`crate::forward::End::PROXIED`].
+    pub closed: [IntCounter; 5],
     /// TLS failures (terminate listeners only).
     pub tls: TlsErrorMetrics,
 }

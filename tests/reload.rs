@@ -168,6 +168,13 @@ async fn added_backends_take_traffic_once_checked_and_removed_ones_drain() {
     let mut b = [0u8; 1];
     let n = within(5, "drained", on_b1.read(&mut b)).await.unwrap_or(0);
     assert_eq!(n, 0, "the removed backend's connection was not closed");
+    eventually(5, "counted as drained", || {
+        gw.metric(
+            "apilb_listener_closed_total",
+            &[("listener", "l"), ("end", "drained")],
+        ) == 1.0
+    })
+    .await;
     let mut on_b0 = on_b0;
     on_b0
         .write_all(b"k")
