@@ -104,6 +104,9 @@ pub struct Config {
     pub certificates: Vec<CertificateInfo>,
     /// Every file the config names (certificates, keys, CA bundles), watched for changes.
     pub files: Vec<PathBuf>,
+    /// Likely operator mistakes that do not stop the gateway: printed by `check`, logged by
+    /// `run` and reload.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// One certificate named by the config.
@@ -469,6 +472,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         expired: Vec::new(),
         certificates: Vec::new(),
         files: Vec::new(),
+        warnings: Vec::new(),
         scope: String::new(),
     };
     let file: FileConfig = match toml::from_str(text) {
@@ -514,12 +518,43 @@ struct Validator<'a> {
     expired: Vec<ConfigError>,
     certificates: Vec<CertificateInfo>,
     files: Vec<PathBuf>,
+    warnings: Vec<ConfigError>,
     /// `pool/NAME` or `listener/NAME` while validating that object: the prefix of
     /// certificate sources.
     scope: String,
 }
 
 impl Validator<'_> {
+    fn warn(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.warnings.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line: Some(line),
+            column: Some(column),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Warns about a private key that every user of the machine can read.
+    fn key_permissions(&mut self, path: &Path, span: Range<usize>, key: &str) {
+        #[cfg(unix)]
+        if let Ok(m) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o004 != 0 {
+                self.warn(
+                    span,
+                    key,
+                    format!(
+                        "private key {} is readable by every user (mode {mode:04o}): chmod 0600, or 0640 with group apilb",
+                        path.display()
+                    ),
+                );
+            }
+        }
+    }
+
     fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
         let (line, column) = line_col(self.text, span.start);
         self.errors.push(ConfigError {
@@ -594,8 +629,15 @@ impl Validator<'_> {
     fn config(&mut self, file: FileConfig) -> Config {
         let admin = file.admin.and_then(|a| {
             let a = a.into_inner();
-            self.listen_addr(a.listen.get_ref(), a.listen.span(), "admin.listen")
-                .map(|listen| AdminConfig { listen })
+            let listen = self.listen_addr(a.listen.get_ref(), a.listen.span(), "admin.listen")?;
+            if !listen.ip().is_loopback() {
+                self.warn(
+                    a.listen.span(),
+                    "admin.listen",
+                    format!("the admin server on {listen} is reachable from the network: it shows the gateway's backends and certificates; prefer 127.0.0.1, or a management network behind a firewall"),
+                );
+            }
+            Some(AdminConfig { listen })
         });
 
         let mut pools = Vec::new();
@@ -731,6 +773,18 @@ impl Validator<'_> {
                 &format!("listener[{i}].idle_timeout"),
                 DEFAULT_IDLE_TIMEOUT,
             );
+            if idle_timeout < Duration::from_secs(300) {
+                if let Some(v) = &l.idle_timeout {
+                    self.warn(
+                        v.span(),
+                        format!("listener[{i}].idle_timeout"),
+                        format!(
+                            "idle_timeout {} is under 5 minutes: quiet watches and `kubectl logs -f` will be cut",
+                            humantime::format_duration(idle_timeout)
+                        ),
+                    );
+                }
+            }
             let max_connections = self.int_in(
                 l.max_connections.as_ref(),
                 &format!("listener[{i}].max_connections"),
@@ -756,6 +810,7 @@ impl Validator<'_> {
             expired: std::mem::take(&mut self.expired),
             certificates: std::mem::take(&mut self.certificates),
             files: std::mem::take(&mut self.files),
+            warnings: std::mem::take(&mut self.warnings),
         }
     }
 
@@ -962,6 +1017,17 @@ impl Validator<'_> {
                 self.certified_key(&sni.cert, &sni.key, &sk("cert"), &sk("key"), &source)
             {
                 for n in sni.names.get_ref() {
+                    let covered = ck
+                        .cert
+                        .first()
+                        .is_some_and(|c| crate::tls::covers(c.as_ref(), n.trim()));
+                    if !covered {
+                        self.warn(
+                            sni.names.span(),
+                            sk("names"),
+                            format!("{n:?} is not among the certificate's names (SANs): clients asking for it will reject the handshake"),
+                        );
+                    }
                     by_name.push((n.trim().to_ascii_lowercase(), ck.clone()));
                 }
             }
@@ -995,6 +1061,7 @@ impl Validator<'_> {
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         let (cert_path, cert_pem) = self.read(cert, cert_key)?;
         let (key_path, key_pem) = self.read(key, key_key)?;
+        self.key_permissions(&key_path, key.span(), key_key);
         let chain = match crate::tls::certs_from_pem(&cert_pem, &cert_path.display().to_string()) {
             Ok(c) => c,
             Err(e) => {
@@ -1050,6 +1117,14 @@ impl Validator<'_> {
                         subject: subject.clone(),
                         not_after,
                     });
+                }
+                if not_after >= now && not_after - now < 30 * 86_400 {
+                    let days = (not_after - now) / 86_400;
+                    let msg = format!(
+                        "certificate {n} of {} ({subject}) expires in {days} days: rotate it soon",
+                        path.display()
+                    );
+                    self.warn(span.clone(), key, msg);
                 }
                 if not_after < now {
                     let when = humantime::format_rfc3339_seconds(
@@ -1283,6 +1358,7 @@ impl Validator<'_> {
     ) -> Option<crate::tls::Identity> {
         let (cert_path, cert_pem) = self.read(cert, cert_key)?;
         let (key_path, key_pem) = self.read(key, key_key)?;
+        self.key_permissions(&key_path, key.span(), key_key);
         let chain = match crate::tls::certs_from_pem(&cert_pem, &cert_path.display().to_string()) {
             Ok(c) => c,
             Err(e) => {

@@ -34,6 +34,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod reload;
+pub mod sd_notify;
 pub mod shutdown;
 pub mod terminate;
 pub mod tls;
@@ -130,6 +131,11 @@ impl Handle {
     /// The listeners with their bound addresses as of now (a reload may have changed them).
     pub async fn current_listeners(&self) -> Vec<BoundListener> {
         self.reloader.0.lock().await.bound()
+    }
+
+    /// One line for a service manager's STATUS: listeners and healthy backends.
+    pub async fn status_line(&self) -> String {
+        self.reloader.0.lock().await.status_line()
     }
 
     /// The admin server's bound address, when configured.
@@ -233,6 +239,7 @@ impl Gateway {
             let running = shutdown_reloader.0.lock().await;
             let drain_deadline = running.drain_deadline();
             let _ = phase_tx.send(Phase::Draining);
+            sd_notify::stopping();
             stop.cancel();
             accepts.close();
             accepts.wait().await;

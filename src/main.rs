@@ -93,6 +93,12 @@ fn main() -> ExitCode {
                     .await
                     .map_err(|e| e.to_string())?;
                 tokio::spawn(apilb::shutdown::reload_on_sighup(gateway.reloader()));
+                // Listeners are bound and the first health checks are under way.
+                apilb::sd_notify::ready(&gateway.status_line().await);
+                if let Some(every) = apilb::sd_notify::watchdog_interval() {
+                    tokio::spawn(apilb::sd_notify::watchdog(every));
+                }
+                test_hook_block_on_sigusr2();
                 let report = gateway.wait().await;
                 tracing::info!(forced = report.forced, "stopped");
                 Ok(())
@@ -149,6 +155,27 @@ fn with_runtime(
     }
 }
 
+/// Test hook: with `APILB_TEST_BLOCK_ON_SIGUSR2=SECONDS`, SIGUSR2 blocks a runtime worker
+/// for that long, to show that a wedged runtime stops feeding the watchdog. Inert otherwise.
+fn test_hook_block_on_sigusr2() {
+    #[cfg(unix)]
+    if let Some(secs) = std::env::var("APILB_TEST_BLOCK_ON_SIGUSR2")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+    {
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+                return;
+            };
+            while usr2.recv().await.is_some() {
+                tracing::warn!(seconds = secs, "test hook: blocking a runtime worker");
+                std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+            }
+        });
+    }
+}
+
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) if !cfg.expired.is_empty() => {
@@ -164,6 +191,17 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
         Ok(cfg) => {
+            if !cfg.warnings.is_empty() {
+                let n = cfg.warnings.len();
+                eprintln!(
+                    "apilb check: {n} warning{} in {}:",
+                    if n == 1 { "" } else { "s" },
+                    path.display()
+                );
+                for w in &cfg.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
             print!("{}", summary(&cfg));
             ExitCode::SUCCESS
         }

@@ -200,6 +200,21 @@ impl Running {
         self.sockets.iter().find(|s| s.key == *key).map(|s| s.bound)
     }
 
+    /// One line for `STATUS=`: listeners and healthy backends.
+    pub(crate) fn status_line(&self) -> String {
+        let total: usize = self.pools.iter().map(|p| p.backends.len()).sum();
+        let healthy: usize = self
+            .pools
+            .iter()
+            .map(|p| p.backends.iter().filter(|b| b.health.is_healthy()).count())
+            .sum();
+        format!(
+            "{} listeners on {} addresses, {healthy}/{total} backends healthy",
+            self.config.listeners.len(),
+            self.sockets.len()
+        )
+    }
+
     /// The longest `drain_timeout` of the current pools: the shutdown drain deadline.
     pub(crate) fn drain_deadline(&self) -> Duration {
         self.config
@@ -213,6 +228,7 @@ impl Running {
     /// Loads the config file again and applies it; see the module docs.
     async fn reload(&mut self) -> Result<ReloadSummary, ReloadError> {
         let path = self.config.source.clone();
+        crate::sd_notify::reloading();
         let result = match crate::config::load(&path) {
             Ok(cfg) => self.apply(cfg, false).map_err(ReloadError::from),
             Err(e) => Err(ReloadError::from(e)),
@@ -222,6 +238,15 @@ impl Running {
             error: result.as_ref().err().map(ToString::to_string),
         };
         self.metrics.reload(result.is_ok());
+        match &result {
+            Ok(_) => crate::sd_notify::ready(&self.status_line()),
+            Err(e) => {
+                let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                crate::sd_notify::ready(&format!(
+                    "reload failed, running the previous config: {first}"
+                ));
+            }
+        }
         match &result {
             Ok(s) => tracing::info!(
                 config = %path.display(),
@@ -266,6 +291,9 @@ impl Running {
     fn apply(&mut self, cfg: Config, initial: bool) -> Result<ReloadSummary, StartError> {
         for e in &cfg.expired {
             tracing::error!("{e} (running anyway: fix before clients notice)");
+        }
+        for w in &cfg.warnings {
+            tracing::warn!("{w}");
         }
         let mut summary = ReloadSummary::default();
 

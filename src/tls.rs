@@ -248,3 +248,33 @@ impl TerminateServer {
         }
     }
 }
+
+/// Whether a certificate's SANs cover `name` (a DNS name, `*.` wildcards one label deep, or an
+/// IP address).
+pub fn covers(der: &[u8], name: &str) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    let name = name.to_ascii_lowercase();
+    let ip: Option<std::net::IpAddr> = name.parse().ok();
+    san.value.general_names.iter().any(|g| match g {
+        GeneralName::DNSName(d) => {
+            let d = d.to_ascii_lowercase();
+            d == name
+                || d.strip_prefix("*.").is_some_and(|rest| {
+                    name.split_once('.')
+                        .is_some_and(|(first, tail)| !first.is_empty() && tail == rest)
+                })
+        }
+        GeneralName::IPAddress(bytes) => match (ip, bytes.len()) {
+            (Some(std::net::IpAddr::V4(v4)), 4) => v4.octets()[..] == bytes[..],
+            (Some(std::net::IpAddr::V6(v6)), 16) => v6.octets()[..] == bytes[..],
+            _ => false,
+        },
+        _ => false,
+    })
+}

@@ -354,6 +354,7 @@ fn demo_prints_commands_that_work_and_exits_0_on_sigint() {
         .spawn()
         .expect("spawn demo");
     let lines = demo_instructions(&mut child);
+    let mut child = KillOnDrop(child);
     let commands: Vec<&str> = lines
         .iter()
         .map(|l| l.trim())
@@ -388,8 +389,8 @@ fn demo_prints_commands_that_work_and_exits_0_on_sigint() {
         .expect("token line");
     assert!(sh(token).contains("demo-user"));
 
-    signal(child.id(), "INT");
-    assert_eq!(wait_exit(&mut child, 20), 0);
+    signal(child.0.id(), "INT");
+    assert_eq!(wait_exit(&mut child.0, 20), 0);
     assert!(dir.path().join("apilb.toml").exists());
 }
 
@@ -449,5 +450,59 @@ fn expired_certificate_fails_check_but_not_run() {
             .iter()
             .any(|l| l.contains("\"ERROR\"") && l.contains("expired at")),
         "run did not log the expired certificate: {early:#?}"
+    );
+}
+
+#[test]
+fn check_warns_about_operator_mistakes_and_still_passes() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = pki.write_to(dir.path()).expect("PKI");
+    let d = dir.path();
+    // A key every user can read.
+    std::fs::set_permissions(&files.public_key, std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
+    // A health certificate that expires in 10 days.
+    let soon = pki
+        .ca
+        .client_valid_for("system:apilb-health", &["system:monitoring"], 10)
+        .expect("cert");
+    std::fs::write(d.join("health.crt"), &soon.cert_pem).expect("w");
+    std::fs::write(d.join("health.key"), &soon.key_pem).expect("w");
+    std::fs::set_permissions(d.join("health.key"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    let text = format!(
+        "[admin]\nlisten = \"0.0.0.0:0\"\n\
+         [[pool]]\nname = \"p\"\n[pool.tls]\nca = \"{ca}\"\n[pool.health]\ncheck = \"https\"\nclient_cert = \"health.crt\"\nclient_key = \"health.key\"\n\
+         [[pool.backend]]\naddress = \"127.0.0.1:1\"\n\
+         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\nidle_timeout = \"2m\"\n\
+         [[listener]]\nname = \"public\"\nlisten = \"127.0.0.1:0\"\nmode = \"terminate\"\npool = \"p\"\n\
+         [listener.tls]\ncert = \"{pc}\"\nkey = \"{pk}\"\n\
+         [[listener.tls.sni]]\nnames = [\"api.example.com\", \"localhost\"]\ncert = \"{pc}\"\nkey = \"{pk}\"\n",
+        ca = files.ca.display(),
+        pc = files.public_cert.display(),
+        pk = files.public_key.display(),
+    );
+    let path = d.join("apilb.toml");
+    std::fs::write(&path, text).expect("config");
+    let (code, out, err) = check(&path);
+    assert_eq!(code, 0, "warnings must not fail check: {err}");
+    assert!(out.contains("configuration is valid"), "{out}");
+    for (what, needle) in [
+        ("readable key", "is readable by every user (mode 0644)"),
+        ("expiring certificate", "days: rotate it soon"),
+        (
+            "SNI name not covered",
+            "\"api.example.com\" is not among the certificate's names",
+        ),
+        ("short idle timeout", "`kubectl logs -f` will be cut"),
+        ("admin on the network", "reachable from the network"),
+    ] {
+        assert!(err.contains(needle), "{what}: {needle:?} not in:\n{err}");
+    }
+    assert!(
+        !err.contains("\"localhost\" is not among"),
+        "a covered name was flagged:\n{err}"
     );
 }

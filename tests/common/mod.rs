@@ -553,3 +553,16 @@ pub async fn gateway_file(path: &Path) -> Gw {
         stop: Some(tx),
     }
 }
+
+/// A child process of the test, killed (by its PID, which the test owns) if the test fails
+/// before it ends the child itself.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
