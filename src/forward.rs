@@ -269,21 +269,43 @@ pub struct Relayed {
     pub error: Option<io::Error>,
 }
 
-/// The read side of one end of a relayed connection.
+/// The read side of one end of a relayed connection: reads into a buffer from the per-thread
+/// pool, holding it only while bytes are in flight.
 ///
-/// `ready` waits until reading would make progress, before a buffer is taken: a plain TCP
-/// socket waits for readiness, so an idle connection holds no buffer. A TLS stream cannot
-/// tell without reading (rustls may hold decrypted bytes already), so it reads at once.
+/// A plain TCP socket waits for readiness before it takes a buffer and gives the buffer back
+/// if the readiness was spurious, so an idle connection (a quiet watch) holds none. A TLS
+/// stream cannot tell without reading (rustls may already hold decrypted bytes), so it reads
+/// into a buffer at once; its connection carries rustls's own buffers anyway.
 pub trait RelayRead: AsyncRead + Unpin + Send {
-    /// Resolves when a read is worth a buffer.
-    fn ready(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        std::future::ready(Ok(()))
+    /// The next bytes: a pooled buffer and how many bytes it holds; 0 means EOF.
+    fn read_pooled(&mut self) -> impl std::future::Future<Output = io::Result<(Box<[u8]>, usize)>> + Send {
+        async move {
+            let mut buf = BufPool::take();
+            match self.read(&mut buf).await {
+                Ok(n) => Ok((buf, n)),
+                Err(e) => {
+                    BufPool::put(buf);
+                    Err(e)
+                }
+            }
+        }
     }
 }
 
 impl RelayRead for OwnedReadHalf {
-    async fn ready(&mut self) -> io::Result<()> {
-        self.readable().await
+    async fn read_pooled(&mut self) -> io::Result<(Box<[u8]>, usize)> {
+        loop {
+            self.readable().await?;
+            let mut buf = BufPool::take();
+            match self.try_read(&mut buf) {
+                Ok(n) => return Ok((buf, n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => BufPool::put(buf),
+                Err(e) => {
+                    BufPool::put(buf);
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 
@@ -384,15 +406,7 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin + Send>(
     start: Instant,
 ) -> io::Result<()> {
     loop {
-        from.ready().await?;
-        let mut buf = BufPool::take();
-        let n = match from.read(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                BufPool::put(buf);
-                return Err(e);
-            }
-        };
+        let (buf, n) = from.read_pooled().await?;
         if n == 0 {
             BufPool::put(buf);
             // The peer may already be gone; its own direction reports that.

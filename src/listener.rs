@@ -152,12 +152,15 @@ impl AcceptLoop {
             _permit: permit,
             active: state.metrics.active.clone(),
         };
-        self.tracker.spawn(async move {
+        let fut = async move {
             match state.cfg.mode {
                 Mode::Passthrough => crate::forward::serve(stream, client, state).await,
-                Mode::Terminate => crate::terminate::serve(stream, client, state).await,
+                // Boxed: the TLS state machine is large, and a passthrough connection must not
+                // pay for it in the size of every task.
+                Mode::Terminate => Box::pin(crate::terminate::serve(stream, client, state)).await,
             }
             drop(admitted);
-        });
+        };
+        self.tracker.spawn(fut);
     }
 }
