@@ -244,11 +244,13 @@ def idle_memory(pid, port, count):
 def measure(name, ports, pid, args):
     t, h, i = ports
     r = {}
+    # Idle memory first, on a proxy that has not yet grown its pools under load: RSS growth
+    # is only meaningful from a cold start (later runs reuse memory the load left behind).
+    r["idle"] = idle_memory(pid, i, args.idle) if pid else None
     r["tp1"] = iperf(t, 1, args.secs)
     r["tp8"] = iperf(t, 8, args.secs)
     r["rps"], r["p99"] = wrk(h, args.secs, close=False)
     r["cps"], _ = wrk(h, args.secs, close=True)
-    r["idle"] = idle_memory(pid, i, args.idle) if pid else None
     print(f"  {name}: {r}", file=sys.stderr, flush=True)
     return r
 
@@ -293,13 +295,18 @@ def main():
                    "nginx stream": "nginx"}[name]
             if args.only and args.only != key:
                 continue
-            p = starter()
-            results[name] = median_runs(lambda: measure(name, PROXY_PORTS[key], p.pid, args), args.runs)
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+
+            def one_run():
+                p = starter()
+                try:
+                    return measure(name, PROXY_PORTS[key], p.pid, args)
+                finally:
+                    p.send_signal(signal.SIGTERM)
+                    try:
+                        p.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+            results[name] = median_runs(one_run, args.runs)
     finally:
         stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -277,8 +277,15 @@ pub struct Relayed {
 /// stream cannot tell without reading (rustls may already hold decrypted bytes), so it reads
 /// into a buffer at once; its connection carries rustls's own buffers anyway.
 pub trait RelayRead: AsyncRead + Unpin + Send {
+    /// The TCP socket behind this reader, when bytes may be spliced out of it.
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+
     /// The next bytes: a pooled buffer and how many bytes it holds; 0 means EOF.
-    fn read_pooled(&mut self) -> impl std::future::Future<Output = io::Result<(Box<[u8]>, usize)>> + Send {
+    fn read_pooled(
+        &mut self,
+    ) -> impl std::future::Future<Output = io::Result<(Box<[u8]>, usize)>> + Send {
         async move {
             let mut buf = BufPool::take();
             match self.read(&mut buf).await {
@@ -293,6 +300,10 @@ pub trait RelayRead: AsyncRead + Unpin + Send {
 }
 
 impl RelayRead for OwnedReadHalf {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+
     async fn read_pooled(&mut self) -> io::Result<(Box<[u8]>, usize)> {
         loop {
             self.readable().await?;
@@ -311,6 +322,32 @@ impl RelayRead for OwnedReadHalf {
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> RelayRead for tokio::io::ReadHalf<T> {}
 
+/// The write side of one end of a relayed connection.
+pub trait RelayWrite: AsyncWrite + Unpin + Send {
+    /// The TCP socket behind this writer, when bytes may be spliced into it.
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl RelayWrite for OwnedWriteHalf {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> RelayWrite for tokio::io::WriteHalf<T> {}
+
+/// Whether TCP-to-TCP relays use splice(2) (Linux). On by default; tests turn it off to
+/// exercise the copy path that TLS and other platforms use.
+static SPLICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Chooses zero-copy splice (default) or the buffer copy for TCP-to-TCP relays started from
+/// now on.
+pub fn set_splice(enabled: bool) {
+    SPLICE.store(enabled, Ordering::Relaxed);
+}
+
 /// Relays bytes both ways between a client and a backend until both directions reached
 /// EOF, an error occurs, nothing moved for `idle`, or `drain` completes. This is the one
 /// copy loop: passthrough passes TCP halves, terminate passes TLS halves.
@@ -328,8 +365,8 @@ pub async fn relay<CR, CW, BR, BW>(
 where
     CR: RelayRead,
     BR: RelayRead,
-    CW: AsyncWrite + Unpin + Send,
-    BW: AsyncWrite + Unpin + Send,
+    CW: RelayWrite,
+    BW: RelayWrite,
 {
     let start = Instant::now();
     let up_bytes = AtomicU64::new(0);
@@ -397,14 +434,22 @@ where
     }
 }
 
-/// Copies `from` to `to` until EOF on `from`, then shuts down writing on `to`.
-async fn pump<R: RelayRead, W: AsyncWrite + Unpin + Send>(
+/// Copies `from` to `to` until EOF on `from`, then shuts down writing on `to`: with
+/// splice(2) through a pooled pipe when both are TCP sockets on Linux (the bytes never enter
+/// user space), else through pooled buffers.
+async fn pump<R: RelayRead, W: RelayWrite>(
     from: &mut R,
     to: &mut W,
     bytes: &AtomicU64,
     last_ms: &AtomicU64,
     start: Instant,
 ) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if SPLICE.load(Ordering::Relaxed) {
+        if let (Some(f), Some(t)) = (from.tcp(), to.tcp()) {
+            return splice::pump(f, t, bytes, last_ms, start).await;
+        }
+    }
     loop {
         let (buf, n) = from.read_pooled().await?;
         if n == 0 {
@@ -413,10 +458,7 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin + Send>(
             let _ = to.shutdown().await;
             return Ok(());
         }
-        last_ms.store(
-            u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        stamp(last_ms, start);
         // A TLS writer holds records until flushed; for TCP the flush is free.
         let written = async {
             to.write_all(&buf[..n]).await?;
@@ -426,6 +468,167 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin + Send>(
         BufPool::put(buf);
         written?;
         bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+fn stamp(last_ms: &AtomicU64, start: Instant) {
+    last_ms.store(
+        u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+}
+
+// === Zero copy ===
+
+#[cfg(target_os = "linux")]
+mod splice {
+    //! splice(2) from socket to pipe to socket. A pipe is taken from a per-thread pool only
+    //! once the source is readable and goes back as soon as it is empty again, so an idle
+    //! connection holds no pipe (and no descriptors beyond its two sockets).
+
+    use std::cell::RefCell;
+    use std::io;
+    use std::net::Shutdown;
+    use std::os::fd::OwnedFd;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+
+    use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    /// Bytes moved per splice call: the default pipe capacity.
+    const CHUNK: usize = 64 * 1024;
+    /// Pipes kept per worker thread between uses (two descriptors each).
+    const KEEP: usize = 16;
+
+    struct Pipe {
+        r: OwnedFd,
+        w: OwnedFd,
+    }
+
+    thread_local! {
+        static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn take() -> io::Result<Pipe> {
+        if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
+            return Ok(p);
+        }
+        let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        Ok(Pipe { r, w })
+    }
+
+    /// Returns an empty pipe to the pool (a pipe that may hold bytes is dropped instead).
+    fn put(p: Pipe) {
+        PIPES.with(|pipes| {
+            let mut pipes = pipes.borrow_mut();
+            if pipes.len() < KEEP {
+                pipes.push(p);
+            }
+        });
+    }
+
+    fn flags() -> SpliceFlags {
+        SpliceFlags::NONBLOCK | SpliceFlags::MOVE
+    }
+
+    pub(super) async fn pump(
+        from: &TcpStream,
+        to: &TcpStream,
+        bytes: &AtomicU64,
+        last_ms: &AtomicU64,
+        start: Instant,
+    ) -> io::Result<()> {
+        loop {
+            from.readable().await?;
+            let pipe = match take() {
+                Ok(p) => p,
+                // Out of descriptors for a pipe: move this round through a buffer instead.
+                Err(_) => {
+                    if copy_round(from, to, bytes, last_ms, start).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let n = match from.try_io(Interest::READABLE, || {
+                splice(from, None, &pipe.w, None, CHUNK, flags()).map_err(io::Error::from)
+            }) {
+                Ok(0) => {
+                    put(pipe);
+                    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    put(pipe);
+                    continue;
+                }
+                Err(e) => {
+                    put(pipe);
+                    return Err(e);
+                }
+            };
+            super::stamp(last_ms, start);
+            let mut left = n;
+            while left > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(&pipe.r, None, to, None, left, flags()).map_err(io::Error::from)
+                }) {
+                    Ok(k) => left -= k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // The pipe still holds bytes: it is dropped, not pooled.
+                    Err(e) => return Err(e),
+                }
+            }
+            put(pipe);
+            bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// One read-and-write through a pooled buffer; true at EOF (after shutting `to` down).
+    async fn copy_round(
+        from: &TcpStream,
+        to: &TcpStream,
+        bytes: &AtomicU64,
+        last_ms: &AtomicU64,
+        start: Instant,
+    ) -> io::Result<bool> {
+        let mut buf = super::BufPool::take();
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                super::BufPool::put(buf);
+                return Ok(false);
+            }
+            Err(e) => {
+                super::BufPool::put(buf);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            super::BufPool::put(buf);
+            let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+            return Ok(true);
+        }
+        super::stamp(last_ms, start);
+        let mut off = 0;
+        while off < n {
+            to.writable().await?;
+            match to.try_write(&buf[off..n]) {
+                Ok(k) => off += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    super::BufPool::put(buf);
+                    return Err(e);
+                }
+            }
+        }
+        super::BufPool::put(buf);
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(false)
     }
 }
 
