@@ -91,7 +91,12 @@ const USER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Sets NODELAY, keepalive and TCP_USER_TIMEOUT; a failure is logged and the connection goes
 /// on, since none of these is needed for correctness.
 pub(crate) fn tune_socket(stream: &TcpStream, role: &'static str) {
-    let sock = SockRef::from(stream);
+    tune(SockRef::from(stream), role);
+}
+
+/// [`tune_socket`] for any socket: listening sockets get the options once, and Linux copies
+/// them to every accepted socket.
+pub(crate) fn tune(sock: SockRef<'_>, role: &'static str) {
     if let Err(e) = sock.set_tcp_nodelay(true) {
         tracing::debug!(role, error = %e, "cannot set TCP_NODELAY");
     }
@@ -113,7 +118,8 @@ pub(crate) fn tune_socket(stream: &TcpStream, role: &'static str) {
 /// Serves one accepted passthrough connection to completion.
 pub(crate) async fn serve(client: TcpStream, client_addr: SocketAddr, state: Arc<ListenerState>) {
     let started = Instant::now();
-    tune_socket(&client, "client");
+    // The client socket inherited NODELAY, keepalive and TCP_USER_TIMEOUT from the
+    // listening socket (listener::bind): no syscalls for them per connection.
     let connected = tokio::select! {
         r = connect(&state.pool, client_addr, &state.cfg.name, |_, tcp| async move { Ok(tcp) }) => r,
         () = state.drain.cancelled() => Err(None),
@@ -542,15 +548,12 @@ mod splice {
     ) -> io::Result<()> {
         loop {
             from.readable().await?;
-            let pipe = match take() {
-                Ok(p) => p,
+            let Ok(pipe) = take() else {
                 // Out of descriptors for a pipe: move this round through a buffer instead.
-                Err(_) => {
-                    if copy_round(from, to, bytes, last_ms, start).await? {
-                        return Ok(());
-                    }
-                    continue;
+                if copy_round(from, to, bytes, last_ms, start).await? {
+                    return Ok(());
                 }
+                continue;
             };
             let n = match from.try_io(Interest::READABLE, || {
                 splice(from, None, &pipe.w, None, CHUNK, flags()).map_err(io::Error::from)

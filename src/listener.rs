@@ -61,6 +61,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit these on Linux, which saves six syscalls per connection.
+    crate::forward::tune(socket2::SockRef::from(&socket), "listener");
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     TcpListener::from_std(socket.into())
@@ -162,5 +164,30 @@ impl AcceptLoop {
             drop(admitted);
         };
         self.tracker.spawn(fut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_options() {
+        let l = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (_c, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        let (s, _) = accepted.expect("accept");
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.tcp_nodelay().expect("nodelay"));
+        assert!(sock.keepalive().expect("keepalive"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("idle"),
+            std::time::Duration::from_secs(30)
+        );
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_user_timeout().expect("user timeout"),
+            Some(std::time::Duration::from_secs(60))
+        );
     }
 }

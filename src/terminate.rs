@@ -24,7 +24,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Backend, Pool};
-use crate::forward::{connect, drained, log_close, log_connect_failed, relay, tune_socket};
+use crate::forward::{connect, drained, log_close, log_connect_failed, relay};
 use crate::listener::ListenerState;
 
 /// Serves one accepted terminate connection to completion.
@@ -36,7 +36,6 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
     };
     let listener = state.cfg.name.as_str();
     let errors = &state.metrics.tls;
-    tune_socket(&tcp, "client");
     let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
 
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);

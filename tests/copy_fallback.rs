@@ -23,7 +23,11 @@ async fn forced_copy_keeps_payloads_half_close_and_idle_timeout() {
     )
     .await;
     within(30, "asymmetric", sink_roundtrip(gw.addr(), 10, 4 << 20, 23)).await;
-    assert_eq!(open_pipes(), pipes_before, "a pipe was used although splice was off");
+    assert_eq!(
+        open_pipes(),
+        pipes_before,
+        "a pipe was used although splice was off"
+    );
     gw.shutdown().await;
 
     let echo = EchoServer::start().await;
