@@ -348,6 +348,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> RelayWrite for tokio::io::WriteHa
 /// exercise the copy path that TLS and other platforms use.
 static SPLICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
+/// Pipes kept in the calling thread's splice pool: above zero once a relay on this thread has
+/// moved bytes with splice(2) (for tests and diagnostics; 0 off Linux).
+pub fn pooled_pipes() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        splice::pooled()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
+}
+
 /// Chooses zero-copy splice (default) or the buffer copy for TCP-to-TCP relays started from
 /// now on.
 pub fn set_splice(enabled: bool) {
@@ -515,6 +528,11 @@ mod splice {
 
     thread_local! {
         static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Pipes in this thread's pool.
+    pub(super) fn pooled() -> usize {
+        PIPES.with(|p| p.borrow().len())
     }
 
     fn take() -> io::Result<Pipe> {

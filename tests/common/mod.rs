@@ -566,17 +566,3 @@ impl Drop for KillOnDrop {
         }
     }
 }
-
-/// Pipes this test process holds open: the splice path keeps a few in its per-thread pool.
-pub fn open_pipes() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|t| t.to_string_lossy().starts_with("pipe:"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
