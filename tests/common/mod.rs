@@ -319,10 +319,7 @@ impl SinkServer {
 
     /// Closes the listening socket (connections already accepted go on).
     pub async fn stop(&self) {
-        self.task.abort();
-        while !self.task.is_finished() {
-            tokio::task::yield_now().await;
-        }
+        abort_and_wait(&self.task).await;
     }
 }
 
@@ -386,10 +383,7 @@ impl EchoServer {
 
     /// Closes the listening socket (connections already accepted go on).
     pub async fn stop(&self) {
-        self.task.abort();
-        while !self.task.is_finished() {
-            tokio::task::yield_now().await;
-        }
+        abort_and_wait(&self.task).await;
     }
 }
 
@@ -564,5 +558,13 @@ impl Drop for KillOnDrop {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
+    }
+}
+
+/// Aborts a server's accept task and waits until it (and so its listening socket) is gone.
+async fn abort_and_wait(task: &tokio::task::JoinHandle<()>) {
+    task.abort();
+    while !task.is_finished() {
+        tokio::task::yield_now().await;
     }
 }
