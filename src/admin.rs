@@ -44,7 +44,7 @@ pub struct View {
 }
 
 /// One listener on the status page.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ListenerView {
     /// Its name.
     pub name: String,

@@ -107,6 +107,8 @@ pub struct Config {
     /// Likely operator mistakes that do not stop the gateway: printed by `check`, logged by
     /// `run` and reload.
     pub warnings: Vec<ConfigError>,
+    /// A short digest of the text this config was parsed from (`apilb_config_info{hash}`).
+    pub hash: String,
 }
 
 /// One certificate named by the config.
@@ -204,11 +206,8 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that make a healthy backend unhealthy.
     pub fall: u32,
-    /// Identity presented by health checks only (never on proxied connections).
-    pub client_cert: Option<PathBuf>,
-    /// Key of `client_cert`.
-    pub client_key: Option<PathBuf>,
-    /// The TLS client configuration of `tls`/`https` checks, built and validated at load.
+    /// The TLS client configuration of `tls`/`https` checks, built and validated at load;
+    /// it carries the health-only client certificate when one is configured.
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -222,8 +221,6 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
-            client_cert: None,
-            client_key: None,
             tls: None,
         }
     }
@@ -232,8 +229,6 @@ impl Default for HealthConfig {
 /// `[pool.tls]`: how the gateway verifies its backends' certificates.
 #[derive(Debug, Clone)]
 pub struct PoolTlsConfig {
-    /// The CA bundle file (several CAs during a rotation).
-    pub ca: PathBuf,
     /// The trust anchors read from `ca`.
     pub roots: Arc<rustls::RootCertStore>,
     /// Name checked in backend certificates; `None`: the backend's host.
@@ -305,10 +300,6 @@ impl Mode {
 /// `[listener.tls]`: the terminate listener's certificates and handshake rules.
 #[derive(Debug, Clone)]
 pub struct ListenerTlsConfig {
-    /// The default certificate chain file.
-    pub cert: PathBuf,
-    /// Its key file.
-    pub key: PathBuf,
     /// A client that has not finished its handshake by then is dropped.
     pub handshake_timeout: Duration,
     /// The only ALPN protocols accepted from clients and offered to backends; `None`: any.
@@ -811,6 +802,12 @@ impl Validator<'_> {
             certificates: std::mem::take(&mut self.certificates),
             files: std::mem::take(&mut self.files),
             warnings: std::mem::take(&mut self.warnings),
+            hash: {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                self.text.hash(&mut h);
+                format!("{:016x}", h.finish())
+            },
         }
     }
 
@@ -1041,8 +1038,6 @@ impl Validator<'_> {
             }
         };
         Some(ListenerTlsConfig {
-            cert: self.path(t.cert.get_ref()),
-            key: self.path(t.key.get_ref()),
             handshake_timeout,
             alpn,
             certs,
@@ -1190,7 +1185,6 @@ impl Validator<'_> {
             }
         };
         Some(PoolTlsConfig {
-            ca,
             roots,
             server_name,
             client,
@@ -1342,8 +1336,6 @@ impl Validator<'_> {
             timeout,
             rise,
             fall,
-            client_cert: h.client_cert.map(|c| self.path(c.get_ref())),
-            client_key: h.client_key.map(|c| self.path(c.get_ref())),
             tls,
         }
     }

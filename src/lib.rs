@@ -47,7 +47,6 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::Pool;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -100,7 +99,6 @@ pub struct BoundListener {
 /// A running gateway.
 #[derive(Debug)]
 pub struct Handle {
-    listeners: Vec<BoundListener>,
     reloader: reload::Reloader,
     admin: Option<SocketAddr>,
     view: Arc<ArcSwap<admin::View>>,
@@ -110,27 +108,32 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Every listener with its bound addresses.
-    pub fn listeners(&self) -> &[BoundListener] {
-        &self.listeners
+    /// Every listener with its bound addresses, as of now (a reload may change them).
+    pub fn listeners(&self) -> Vec<BoundListener> {
+        self.view
+            .load()
+            .listeners
+            .iter()
+            .map(|l| BoundListener {
+                name: l.name.clone(),
+                addrs: l.listen.clone(),
+            })
+            .collect()
     }
 
     /// The first bound address of the listener called `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.view
+            .load()
+            .listeners
             .iter()
             .find(|l| l.name == name)
-            .and_then(|l| l.addrs.first().copied())
+            .and_then(|l| l.listen.first().copied())
     }
 
     /// A handle that reloads the configuration (what SIGHUP does).
     pub fn reloader(&self) -> reload::Reloader {
         self.reloader.clone()
-    }
-
-    /// The listeners with their bound addresses as of now (a reload may have changed them).
-    pub async fn current_listeners(&self) -> Vec<BoundListener> {
-        self.reloader.0.lock().await.bound()
     }
 
     /// One line for a service manager's STATUS: listeners and healthy backends.
@@ -141,11 +144,6 @@ impl Handle {
     /// The admin server's bound address, when configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
-    }
-
-    /// The pools as the data path sees them now (backends with their health and counters).
-    pub fn pools(&self) -> Vec<Arc<Pool>> {
-        self.view.load().pools.clone()
     }
 
     /// The health status of backend `backend` of pool `pool`.
@@ -205,7 +203,6 @@ impl Gateway {
         };
         let admin_addr = admin_socket.as_ref().and_then(|s| s.local_addr().ok());
         let running = reload::Running::start(cfg, metrics.clone())?;
-        let listeners = running.bound();
         let view = running.view.clone();
         let (stop, drain, tracker, accepts) = (
             running.stop.clone(),
@@ -273,7 +270,6 @@ impl Gateway {
         });
 
         Ok(Handle {
-            listeners,
             admin: admin_addr,
             view,
             reloader,

@@ -19,7 +19,6 @@
 //! file and every file it names, so atomic renames and editors that replace files are seen.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +35,7 @@ use crate::balance::Pool;
 use crate::config::{Config, ConfigErrors, Mode};
 use crate::listener::{AcceptLoop, ListenerState};
 use crate::metrics::Metrics;
-use crate::{health, listener, terminate, BoundListener, StartError};
+use crate::{health, listener, terminate, StartError};
 
 /// What identifies a socket across reloads: its configured address, and for port 0 (any
 /// free port, so several listeners may say the same) also its listener's name.
@@ -143,14 +142,6 @@ impl Reloader {
     }
 }
 
-/// A short, stable digest of the config text, for `apilb_config_info{hash}`.
-fn content_hash(path: &std::path::Path) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    format!("{:016x}", h.finish())
-}
-
 impl Running {
     /// Binds and starts everything of `cfg`.
     pub(crate) fn start(cfg: Config, metrics: Arc<Metrics>) -> Result<Self, StartError> {
@@ -178,22 +169,6 @@ impl Running {
         };
         running.apply(cfg, true)?;
         Ok(running)
-    }
-
-    /// The listeners with their bound addresses, in config order.
-    pub(crate) fn bound(&self) -> Vec<BoundListener> {
-        self.config
-            .listeners
-            .iter()
-            .map(|l| BoundListener {
-                name: l.name.clone(),
-                addrs: l
-                    .listen
-                    .iter()
-                    .filter_map(|a| self.bound_addr(&socket_key(*a, &l.name)))
-                    .collect(),
-            })
-            .collect()
     }
 
     fn bound_addr(&self, key: &SocketKey) -> Option<SocketAddr> {
@@ -267,17 +242,7 @@ impl Running {
         // The view's last_reload records failures too, for the status page.
         let old = self.view.load_full();
         self.view.store(Arc::new(View {
-            listeners: old
-                .listeners
-                .iter()
-                .map(|l| ListenerView {
-                    name: l.name.clone(),
-                    mode: l.mode,
-                    listen: l.listen.clone(),
-                    pool: l.pool.clone(),
-                    active: l.active.clone(),
-                })
-                .collect(),
+            listeners: old.listeners.clone(),
             pools: old.pools.clone(),
             certificates: old.certificates.clone(),
             loaded_at: old.loaded_at,
@@ -512,7 +477,7 @@ impl Running {
             }
         }
         self.metrics.set_certificates(&cfg.certificates);
-        self.metrics.set_config_hash(&content_hash(&cfg.source));
+        self.metrics.set_config_hash(&cfg.hash);
         let last_reload = self.view.load().last_reload.clone();
         self.view.store(Arc::new(View {
             listeners: cfg
@@ -535,15 +500,9 @@ impl Running {
             loaded_at: SystemTime::now(),
             last_reload,
         }));
-        for l in &cfg.listeners {
-            let addrs: Vec<SocketAddr> = self
-                .sockets
-                .iter()
-                .filter(|s| s.listener == l.name)
-                .map(|s| s.bound)
-                .collect();
-            if initial {
-                tracing::info!(listener = %l.name, mode = l.mode.as_str(), pool = %l.pool, addrs = ?addrs, "listening");
+        if initial {
+            for l in &self.view.load().listeners {
+                tracing::info!(listener = %l.name, mode = l.mode.as_str(), pool = %l.pool, addrs = ?l.listen, "listening");
             }
         }
         self.pools = pools;

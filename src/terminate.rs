@@ -58,7 +58,6 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
     };
 
     let hello = start.client_hello();
-    let sni = hello.server_name().map(str::to_owned);
     let offered: Vec<Vec<u8>> = hello
         .alpn()
         .map(|protos| {
@@ -72,11 +71,6 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
                 .collect()
         })
         .unwrap_or_default();
-    if tls.certs.lookup(sni.as_deref()).1 || sni.is_none() {
-        // Matched, or no SNI at all (an IP address): nothing to note.
-    } else {
-        tracing::debug!(listener, client = %client_addr, sni = ?sni, "unknown SNI name: serving the default certificate");
-    }
 
     let pool = &state.pool;
     let connected = tokio::select! {

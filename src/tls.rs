@@ -183,7 +183,11 @@ impl rustls::server::ResolvesServerCert for SniResolver {
         &self,
         hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.lookup(hello.server_name()).0)
+        let (cert, matched) = self.lookup(hello.server_name());
+        if !matched && hello.server_name().is_some() {
+            tracing::debug!(sni = ?hello.server_name(), "unknown SNI name: serving the default certificate");
+        }
+        Some(cert)
     }
 }
 

@@ -258,7 +258,7 @@ async fn readyz_follows_pool_health_and_other_paths_are_refused() {
 
 #[tokio::test]
 async fn api_status_matches_config_and_live_state() {
-    let echos = [EchoServer::start().await, EchoServer::start().await];
+    let echos = echo_servers(2).await;
     let dead = closed_port();
     let gw = gateway(&with_admin(
         simple_config(
@@ -398,7 +398,11 @@ async fn status_page_renders_in_a_real_browser() {
         dom.contains("status 500"),
         "the failing check's reason is shown"
     );
-    assert!(dom.contains("NOT READY") || dom.contains("READY"));
+    // b2 fails, but the pool has healthy backends: the gateway is ready.
+    assert!(
+        dom.contains(">READY<") && !dom.contains("NOT READY"),
+        "readiness badge wrong"
+    );
     assert!(dom.contains("pool/p/ca/0"), "certificates are listed");
     assert!(
         shot_ok && shot.exists(),

@@ -322,11 +322,7 @@ fn proxied(gw: &Gw, b: &str) -> f64 {
 
 #[tokio::test]
 async fn a_returning_backend_ramps_up_over_slow_start() {
-    let echos = [
-        EchoServer::start().await,
-        EchoServer::start().await,
-        EchoServer::start().await,
-    ];
+    let echos = echo_servers(3).await;
     let addrs: Vec<SocketAddr> = echos.iter().map(|e| e.addr).collect();
     let gw = gateway(&simple_config(
         &addrs,
@@ -377,7 +373,7 @@ async fn a_returning_backend_ramps_up_over_slow_start() {
 
 #[tokio::test]
 async fn failed_client_connects_take_a_backend_out_before_the_next_probe() {
-    let echos = [EchoServer::start().await, EchoServer::start().await];
+    let echos = echo_servers(2).await;
     let addrs: Vec<SocketAddr> = echos.iter().map(|e| e.addr).collect();
     let gw = gateway(&simple_config(
         &addrs,
@@ -431,7 +427,7 @@ async fn failed_client_connects_take_a_backend_out_before_the_next_probe() {
 
 #[tokio::test]
 async fn checks_keep_their_interval_under_client_load_without_flapping() {
-    let echos = [EchoServer::start().await, EchoServer::start().await];
+    let echos = echo_servers(2).await;
     let addrs: Vec<SocketAddr> = echos.iter().map(|e| e.addr).collect();
     let gw = gateway(&simple_config(
         &addrs,

@@ -255,11 +255,7 @@ async fn full_duplex_echo_keeps_every_byte_in_order() {
 }
 
 async fn spread(balance: &str, hold: bool) -> Vec<usize> {
-    let echos = [
-        EchoServer::start().await,
-        EchoServer::start().await,
-        EchoServer::start().await,
-    ];
+    let echos = echo_servers(3).await;
     let addrs: Vec<SocketAddr> = echos.iter().map(|e| e.addr).collect();
     let gw = gateway(&simple_config(
         &addrs,

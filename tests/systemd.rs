@@ -80,8 +80,8 @@ async fn notify_protocol_and_watchdog_follow_the_gateway() {
         let got = receive_until(&sock, 20, |m| m.contains("READY=1"));
         let ready = &got.last().expect("ready").1;
         assert!(ready.contains("STATUS=1 listeners"), "{ready}");
-        let addr: SocketAddr = rx
-            .try_iter()
+        // apilb logged "listening" before it sent READY; the reader thread may lag behind.
+        let addr: SocketAddr = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
             .find_map(|l| {
                 let v: serde_json::Value = serde_json::from_str(&l).ok()?;
                 (v["message"] == "listening").then(|| {
@@ -146,8 +146,9 @@ async fn notify_protocol_and_watchdog_follow_the_gateway() {
         receive_until(&sock, 10, |m| m.contains("STOPPING=1"));
     })
     .await;
-    let code = child.0.wait().expect("wait").code();
+    // A failed check drops the guard, which ends the child; only then wait for a clean exit.
     result.expect("protocol checks");
+    let code = child.0.wait().expect("wait").code();
     assert_eq!(code, Some(0));
 }
 

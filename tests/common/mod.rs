@@ -387,6 +387,15 @@ impl EchoServer {
     }
 }
 
+/// `n` echo servers.
+pub async fn echo_servers(n: usize) -> Vec<EchoServer> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(EchoServer::start().await);
+    }
+    v
+}
+
 /// Connects and proves the path works with one echoed byte; returns the open stream.
 pub async fn echo_once(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.expect("connect");
