@@ -1,4 +1,4 @@
-//! The copy loop in-process over loopback: `forward::relay` between two socket pairs, so a
+//! The copy loop in-process over loopback: `forward::relay_tcp` (passthrough) between two socket pairs, so a
 //! change to the hot path shows in seconds. `bulk` moves 8 MiB one way per iteration;
 //! `pingpong` sends 100 bytes through the relay to an echo and back (one request's latency).
 //! Run with `cargo bench --bench forward`.
@@ -31,9 +31,13 @@ async fn relayed() -> (TcpStream, TcpStream, CancellationToken) {
     let stop = CancellationToken::new();
     let s = stop.clone();
     tokio::spawn(async move {
-        let (cr, cw) = gw_client.into_split();
-        let (br, bw) = gw_backend.into_split();
-        apilb::forward::relay(cr, cw, br, bw, Duration::from_secs(3600), s.cancelled()).await;
+        apilb::forward::relay_tcp(
+            gw_client,
+            gw_backend,
+            Duration::from_secs(3600),
+            s.cancelled(),
+        )
+        .await;
     });
     (client, backend, stop)
 }

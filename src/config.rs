@@ -236,6 +236,8 @@ pub struct PoolTlsConfig {
     /// Client configuration for proxied backend connections of terminate listeners: the same
     /// roots, and never a client certificate (the gateway lends no identity to clients).
     pub client: Arc<rustls::ClientConfig>,
+    /// TLS sessions of those connections, per backend.
+    pub sessions: Arc<crate::tls::SessionStores>,
 }
 
 /// `[[pool]]`: a named set of backends and how to reach them.
@@ -1188,6 +1190,7 @@ impl Validator<'_> {
             roots,
             server_name,
             client,
+            sessions: Arc::default(),
         })
     }
 

@@ -14,18 +14,19 @@
 
 use std::cell::RefCell;
 use std::fmt;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{Shutdown, SocketAddr};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::balance::{ActiveGuard, Backend, Pool};
 use crate::listener::ListenerState;
@@ -89,13 +90,8 @@ const KEEPALIVE_RETRIES: u32 = 3;
 const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sets NODELAY, keepalive and TCP_USER_TIMEOUT; a failure is logged and the connection goes
-/// on, since none of these is needed for correctness.
-pub(crate) fn tune_socket(stream: &TcpStream, role: &'static str) {
-    tune(SockRef::from(stream), role);
-}
-
-/// [`tune_socket`] for any socket: listening sockets get the options once, and Linux copies
-/// them to every accepted socket.
+/// on, since none of these is needed for correctness. Listening sockets get the options once,
+/// and Linux copies them to every accepted socket; backend sockets get them before connect.
 pub(crate) fn tune(sock: SockRef<'_>, role: &'static str) {
     if let Err(e) = sock.set_tcp_nodelay(true) {
         tracing::debug!(role, error = %e, "cannot set TCP_NODELAY");
@@ -120,10 +116,15 @@ pub(crate) async fn serve(client: TcpStream, client_addr: SocketAddr, state: Arc
     let started = Instant::now();
     // The client socket inherited NODELAY, keepalive and TCP_USER_TIMEOUT from the
     // listening socket (listener::bind): no syscalls for them per connection.
-    let connected = tokio::select! {
-        r = connect(&state.pool, client_addr, &state.cfg.name, |_, tcp| async move { Ok(tcp) }) => r,
-        () = state.drain.cancelled() => Err(None),
-    };
+    // Boxed: connecting needs more state than relaying, and a task is as large as its
+    // largest state for its whole life. This allocation is freed once connected.
+    let connected = Box::pin(async {
+        tokio::select! {
+            r = connect(&state.pool, client_addr, &state.cfg.name, |_, tcp| async move { Ok(tcp) }) => r,
+            () = state.drain.cancelled() => Err(None),
+        }
+    })
+    .await;
     let (backend_stream, guard) = match connected {
         Ok(c) => c,
         Err(last_error) => {
@@ -131,18 +132,41 @@ pub(crate) async fn serve(client: TcpStream, client_addr: SocketAddr, state: Arc
             return;
         }
     };
-    let (cr, cw) = client.into_split();
-    let (br, bw) = backend_stream.into_split();
     let drain = drained(&state.drain, &guard.backend().drain);
-    let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, drain).await;
+    let r = relay_tcp(client, backend_stream, state.cfg.idle_timeout, drain).await;
     log_close(&state, client_addr, guard.backend(), started, &r);
 }
 
 /// Completes when the connection must end: its listener or its backend is drained.
-pub(crate) async fn drained(listener: &CancellationToken, backend: &CancellationToken) {
-    tokio::select! {
-        () = listener.cancelled() => {}
-        () = backend.cancelled() => {}
+pub(crate) fn drained<'a>(
+    listener: &'a CancellationToken,
+    backend: &'a CancellationToken,
+) -> Drained<'a> {
+    Drained {
+        listener: listener.cancelled(),
+        backend: backend.cancelled(),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`drained`]: two waits side by side, no larger than they are.
+    pub(crate) struct Drained<'a> {
+        #[pin]
+        listener: WaitForCancellationFuture<'a>,
+        #[pin]
+        backend: WaitForCancellationFuture<'a>,
+    }
+}
+
+impl Future for Drained<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.listener.poll(cx).is_ready() || this.backend.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 }
 
@@ -230,10 +254,18 @@ where
         // Counted as active from the pick on, so concurrent picks by least-conn see it.
         let guard = ActiveGuard::new(backend.clone());
         let attempt = async {
-            let tcp = TcpStream::connect(backend.addr)
+            let sock = if backend.addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(|e| e.to_string())?;
+            // Options before connect: the SYN already carries them, same six calls.
+            tune(SockRef::from(&sock), "backend");
+            let tcp = sock
+                .connect(backend.addr)
                 .await
                 .map_err(|e| e.to_string())?;
-            tune_socket(&tcp, "backend");
             finish(backend.clone(), tcp).await
         };
         let err = match tokio::time::timeout(pool.cfg.connect_timeout, attempt).await {
@@ -260,9 +292,9 @@ where
     Err(last_error.or_else(|| Some("no healthy backend (when_all_down = \"reject\")".into())))
 }
 
-// === The copy loop ===
+// === The copy loops ===
 
-/// What [`relay`] saw.
+/// What a relay saw.
 #[derive(Debug)]
 pub struct Relayed {
     /// Bytes from client to backend.
@@ -275,78 +307,9 @@ pub struct Relayed {
     pub error: Option<io::Error>,
 }
 
-/// The read side of one end of a relayed connection: reads into a buffer from the per-thread
-/// pool, holding it only while bytes are in flight.
-///
-/// A plain TCP socket waits for readiness before it takes a buffer and gives the buffer back
-/// if the readiness was spurious, so an idle connection (a quiet watch) holds none. A TLS
-/// stream cannot tell without reading (rustls may already hold decrypted bytes), so it reads
-/// into a buffer at once; its connection carries rustls's own buffers anyway.
-pub trait RelayRead: AsyncRead + Unpin + Send {
-    /// The TCP socket behind this reader, when bytes may be spliced out of it.
-    fn tcp(&self) -> Option<&TcpStream> {
-        None
-    }
-
-    /// The next bytes: a pooled buffer and how many bytes it holds; 0 means EOF.
-    fn read_pooled(
-        &mut self,
-    ) -> impl std::future::Future<Output = io::Result<(Box<[u8]>, usize)>> + Send {
-        async move {
-            let mut buf = BufPool::take();
-            match self.read(&mut buf).await {
-                Ok(n) => Ok((buf, n)),
-                Err(e) => {
-                    BufPool::put(buf);
-                    Err(e)
-                }
-            }
-        }
-    }
-}
-
-impl RelayRead for OwnedReadHalf {
-    fn tcp(&self) -> Option<&TcpStream> {
-        Some(self.as_ref())
-    }
-
-    async fn read_pooled(&mut self) -> io::Result<(Box<[u8]>, usize)> {
-        loop {
-            self.readable().await?;
-            let mut buf = BufPool::take();
-            match self.try_read(&mut buf) {
-                Ok(n) => return Ok((buf, n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => BufPool::put(buf),
-                Err(e) => {
-                    BufPool::put(buf);
-                    return Err(e);
-                }
-            }
-        }
-    }
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> RelayRead for tokio::io::ReadHalf<T> {}
-
-/// The write side of one end of a relayed connection.
-pub trait RelayWrite: AsyncWrite + Unpin + Send {
-    /// The TCP socket behind this writer, when bytes may be spliced into it.
-    fn tcp(&self) -> Option<&TcpStream> {
-        None
-    }
-}
-
-impl RelayWrite for OwnedWriteHalf {
-    fn tcp(&self) -> Option<&TcpStream> {
-        Some(self.as_ref())
-    }
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> RelayWrite for tokio::io::WriteHalf<T> {}
-
-/// Whether TCP-to-TCP relays use splice(2) (Linux). On by default; tests turn it off to
-/// exercise the copy path that TLS and other platforms use.
-static SPLICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// Whether TCP-to-TCP relays may use splice(2) (Linux). On by default; tests turn it off to
+/// exercise the buffer copy.
+static SPLICE: AtomicBool = AtomicBool::new(true);
 
 /// Pipes kept in the calling thread's splice pool: above zero once a relay on this thread has
 /// moved bytes with splice(2) (for tests and diagnostics; 0 off Linux).
@@ -361,31 +324,338 @@ pub fn pooled_pipes() -> usize {
     }
 }
 
-/// Chooses zero-copy splice (default) or the buffer copy for TCP-to-TCP relays started from
-/// now on.
+/// Chooses whether TCP-to-TCP relays started from now on may switch to zero-copy splice for
+/// bulk transfers (default) or always copy through a buffer.
 pub fn set_splice(enabled: bool) {
     SPLICE.store(enabled, Ordering::Relaxed);
 }
 
-/// Relays bytes both ways between a client and a backend until both directions reached
-/// EOF, an error occurs, nothing moved for `idle`, or `drain` completes. This is the one
-/// copy loop: passthrough passes TCP halves, terminate passes TLS halves.
+/// Relays bytes both ways between two TCP sockets (passthrough) until both directions
+/// reached EOF, an error occurs, nothing moved for `idle`, or `drain` completes.
 ///
-/// Half-close is propagated: EOF from one side shuts down writing towards the other (for
-/// TLS: close_notify), and the other direction keeps flowing.
+/// This is the hot path, written as one poll function over plain state rather than nested
+/// futures, because its state is most of what an idle connection costs: the whole future is
+/// a few hundred bytes, and holds no buffer or pipe while nothing is in flight. Each
+/// direction copies small reads through a pooled buffer (a read shorter than the buffer
+/// means the socket is drained, so the next message costs two syscalls, not three) and
+/// switches to splice(2) through a pooled pipe once a read fills the buffer, so bulk bytes
+/// never enter user space; a short splice switches it back.
+///
+/// Half-close is propagated: EOF from one side shuts down writing towards the other, and the
+/// other direction keeps flowing.
+pub fn relay_tcp<D: Future<Output = ()>>(
+    client: TcpStream,
+    backend: TcpStream,
+    idle: Duration,
+    drain: D,
+) -> RelayTcp<D> {
+    let start = Instant::now();
+    let splice = SPLICE.load(Ordering::Relaxed);
+    RelayTcp {
+        client,
+        backend,
+        up: Flow::new(splice),
+        down: Flow::new(splice),
+        clock: Clock { start, last_ms: 0 },
+        first_eof: None,
+        idle,
+        idle_sleep: tokio::time::sleep_until(tokio::time::Instant::from_std(start) + idle),
+        drain,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`relay_tcp`]: a plain struct rather than an `async fn`, whose
+    /// arguments and locals the compiler would both keep.
+    pub struct RelayTcp<D> {
+        client: TcpStream,
+        backend: TcpStream,
+        up: Flow,
+        down: Flow,
+        clock: Clock,
+        first_eof: Option<End>,
+        idle: Duration,
+        #[pin]
+        idle_sleep: tokio::time::Sleep,
+        #[pin]
+        drain: D,
+    }
+}
+
+impl<D: Future<Output = ()>> Future for RelayTcp<D> {
+    type Output = Relayed;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Relayed> {
+        let mut this = self.project();
+        let end = 'end: {
+            for flow_up in [true, false] {
+                let (flow, other, from, to, eof) = if flow_up {
+                    let (f, o) = (&mut *this.up, &*this.down);
+                    (f, o.done, &*this.client, &*this.backend, End::ClientClosed)
+                } else {
+                    let (f, o) = (&mut *this.down, &*this.up);
+                    (f, o.done, &*this.backend, &*this.client, End::BackendClosed)
+                };
+                if flow.done {
+                    continue;
+                }
+                // When the other direction is done too, both sockets are closed next, which
+                // sends the FIN without a shutdown call of its own.
+                match flow.poll(cx, from, to, !other, this.clock) {
+                    Poll::Ready(Ok(())) => {
+                        flow.done = true;
+                        this.first_eof.get_or_insert(eof);
+                    }
+                    Poll::Ready(Err(e)) => break 'end (End::Error, Some(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if this.up.done && this.down.done {
+                break 'end (this.first_eof.unwrap_or(End::ClientClosed), None);
+            }
+            // Activity only stores a timestamp; the timer re-arms from it when it fires.
+            while this.idle_sleep.as_mut().poll(cx).is_ready() {
+                let next = this.clock.last() + *this.idle;
+                if next <= tokio::time::Instant::now() {
+                    break 'end (End::IdleTimeout, None);
+                }
+                this.idle_sleep.as_mut().reset(next);
+            }
+            if this.drain.as_mut().poll(cx).is_ready() {
+                break 'end (End::Drained, None);
+            }
+            return Poll::Pending;
+        };
+        Poll::Ready(Relayed {
+            up: this.up.bytes,
+            down: this.down.bytes,
+            end: end.0,
+            error: end.1,
+        })
+    }
+}
+
+/// When a relay last read anything, in milliseconds since it started.
+struct Clock {
+    start: Instant,
+    last_ms: u64,
+}
+
+impl Clock {
+    fn stamp(&mut self) {
+        self.last_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.start) + Duration::from_millis(self.last_ms)
+    }
+}
+
+/// Bytes read but not yet written by one direction of [`relay_tcp`].
+enum Held {
+    Nothing,
+    #[cfg(target_os = "linux")]
+    Pipe {
+        pipe: splice::Pipe,
+        len: usize,
+    },
+    Buf {
+        buf: Box<[u8]>,
+        off: usize,
+        len: usize,
+    },
+}
+
+/// One direction of [`relay_tcp`].
+struct Flow {
+    held: Held,
+    /// Allowed to splice at all.
+    splice: bool,
+    /// Moving bulk bytes: splice instead of copying.
+    bulk: bool,
+    /// EOF was read and passed on.
+    done: bool,
+    bytes: u64,
+}
+
+/// A splice that moves less than this switches its direction back to copying: small
+/// messages are cheaper through a buffer (see [`relay_tcp`]).
+#[cfg(target_os = "linux")]
+const SMALL_SPLICE: usize = 4096;
+
+impl Flow {
+    fn new(splice: bool) -> Self {
+        Self {
+            held: Held::Nothing,
+            splice,
+            bulk: false,
+            done: false,
+            bytes: 0,
+        }
+    }
+
+    /// Moves bytes from `from` to `to` until `from` would block (Pending) or reached EOF and
+    /// `to` was shut down for writing if `pass_eof` (Ready(Ok)).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        pass_eof: bool,
+        clock: &mut Clock,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.flush(cx, to))?;
+            ready!(from.poll_read_ready(cx))?;
+            #[cfg(target_os = "linux")]
+            if self.bulk {
+                // Out of descriptors for a pipe: this round goes through a buffer.
+                if let Ok(pipe) = splice::take() {
+                    match from.try_io(Interest::READABLE, || splice::fill(from, &pipe)) {
+                        Ok(0) => {
+                            splice::put(pipe);
+                            return eof_reached(to, pass_eof);
+                        }
+                        Ok(len) => {
+                            clock.stamp();
+                            self.bulk = len >= SMALL_SPLICE;
+                            self.held = Held::Pipe { pipe, len };
+                        }
+                        Err(e) => {
+                            splice::put(pipe);
+                            if !retry(&e) {
+                                return Poll::Ready(Err(e));
+                            }
+                        }
+                    }
+                    continue;
+                }
+                self.bulk = false;
+            }
+            let mut buf = BufPool::take();
+            match read_draining(from, &mut buf) {
+                Ok(0) => {
+                    BufPool::put(buf);
+                    return eof_reached(to, pass_eof);
+                }
+                Ok(got) => {
+                    clock.stamp();
+                    self.bulk = self.splice && got == buf.len();
+                    self.held = Held::Buf {
+                        buf,
+                        off: 0,
+                        len: got,
+                    };
+                }
+                Err(e) => {
+                    BufPool::put(buf);
+                    if !retry(&e) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes what is held to `to`, then returns the buffer or pipe to its pool.
+    fn flush(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<io::Result<()>> {
+        let Self { held, bytes, .. } = self;
+        match held {
+            Held::Nothing => return Poll::Ready(Ok(())),
+            #[cfg(target_os = "linux")]
+            Held::Pipe { pipe, len } => {
+                while *len > 0 {
+                    ready!(to.poll_write_ready(cx))?;
+                    // On an error the pipe still holds bytes: it is dropped, not pooled.
+                    match to.try_io(Interest::WRITABLE, || splice::drain(pipe, to, *len)) {
+                        Ok(k) => {
+                            *len -= k;
+                            *bytes += k as u64;
+                        }
+                        Err(e) if retry(&e) => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
+            Held::Buf { buf, off, len } => {
+                while *off < *len {
+                    ready!(to.poll_write_ready(cx))?;
+                    match to.try_write(&buf[*off..*len]) {
+                        Ok(k) => {
+                            *off += k;
+                            *bytes += k as u64;
+                        }
+                        Err(e) if retry(&e) => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
+        }
+        match std::mem::replace(held, Held::Nothing) {
+            #[cfg(target_os = "linux")]
+            Held::Pipe { pipe, .. } => splice::put(pipe),
+            Held::Buf { buf, .. } => BufPool::put(buf),
+            Held::Nothing => {}
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// One read from a socket tokio saw readable. A read shorter than `buf` leaves the socket
+/// drained, so tokio is told to forget the readiness (by answering WouldBlock inside
+/// `try_io`, with the bytes kept aside): the next poll then waits for the next event instead
+/// of spending a syscall on a read that would fail.
+fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    let r = from.try_io(Interest::READABLE, || {
+        got = rustix::io::read(from, &mut *buf)?;
+        if got > 0 && got < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match r {
+        _ if got > 0 => Ok(got),
+        Ok(()) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Errors after which the same call is simply tried again.
+fn retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// A direction's end: passes EOF on when asked. The peer may already be gone; its own
+/// direction reports that.
+fn eof_reached(to: &TcpStream, pass_eof: bool) -> Poll<io::Result<()>> {
+    if pass_eof {
+        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// Relays bytes both ways between any two byte streams (terminate: TLS on both sides) with
+/// the same ends as [`relay_tcp`]: both EOFs, an error, `idle` without a byte, or `drain`.
+/// EOF from one side shuts down writing towards the other (for TLS: close_notify), and the
+/// other direction keeps flowing.
 pub async fn relay<CR, CW, BR, BW>(
     mut client_r: CR,
     mut client_w: CW,
     mut backend_r: BR,
     mut backend_w: BW,
     idle: Duration,
-    drain: impl std::future::Future<Output = ()>,
+    drain: impl Future<Output = ()>,
 ) -> Relayed
 where
-    CR: RelayRead,
-    BR: RelayRead,
-    CW: RelayWrite,
-    BW: RelayWrite,
+    CR: AsyncRead + Unpin,
+    BR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    BW: AsyncWrite + Unpin,
 {
     let start = Instant::now();
     let up_bytes = AtomicU64::new(0);
@@ -453,32 +723,41 @@ where
     }
 }
 
-/// Copies `from` to `to` until EOF on `from`, then shuts down writing on `to`: with
-/// splice(2) through a pooled pipe when both are TCP sockets on Linux (the bytes never enter
-/// user space), else through pooled buffers.
-async fn pump<R: RelayRead, W: RelayWrite>(
+/// Copies `from` to `to` until EOF on `from`, then shuts down writing on `to`.
+///
+/// A TLS stream cannot say it is readable without reading (rustls may already hold
+/// decrypted bytes), so the wait is a one-byte read into the future itself; only then is a
+/// pooled buffer taken for the rest of what is ready. An idle terminate connection holds no
+/// relay buffer either.
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
     to: &mut W,
     bytes: &AtomicU64,
     last_ms: &AtomicU64,
     start: Instant,
 ) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    if SPLICE.load(Ordering::Relaxed) {
-        if let (Some(f), Some(t)) = (from.tcp(), to.tcp()) {
-            return splice::pump(f, t, bytes, last_ms, start).await;
-        }
-    }
     loop {
-        let (buf, n) = from.read_pooled().await?;
-        if n == 0 {
-            BufPool::put(buf);
+        let mut first = [0u8; 1];
+        if from.read(&mut first).await? == 0 {
             // The peer may already be gone; its own direction reports that.
             let _ = to.shutdown().await;
             return Ok(());
         }
         stamp(last_ms, start);
-        // A TLS writer holds records until flushed; for TCP the flush is free.
+        let mut buf = BufPool::take();
+        buf[0] = first[0];
+        // Whatever else is ready now, without waiting: an error or EOF here shows again on
+        // the next read, after these bytes are written.
+        let more = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf[1..]);
+            match Pin::new(&mut *from).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => Poll::Ready(rb.filled().len()),
+                Poll::Ready(Err(_)) | Poll::Pending => Poll::Ready(0),
+            }
+        })
+        .await;
+        let n = 1 + more;
+        // A TLS writer holds records until flushed.
         let written = async {
             to.write_all(&buf[..n]).await?;
             to.flush().await
@@ -501,19 +780,15 @@ fn stamp(last_ms: &AtomicU64, start: Instant) {
 
 #[cfg(target_os = "linux")]
 mod splice {
-    //! splice(2) from socket to pipe to socket. A pipe is taken from a per-thread pool only
-    //! once the source is readable and goes back as soon as it is empty again, so an idle
-    //! connection holds no pipe (and no descriptors beyond its two sockets).
+    //! splice(2) from socket to pipe to socket, through pipes from a per-thread pool. A pipe
+    //! is taken only for one round of bytes and goes back as soon as it is empty again, so an
+    //! idle connection holds no pipe (and no descriptors beyond its two sockets).
 
     use std::cell::RefCell;
     use std::io;
-    use std::net::Shutdown;
     use std::os::fd::OwnedFd;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::Instant;
 
     use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
-    use tokio::io::Interest;
     use tokio::net::TcpStream;
 
     /// Bytes moved per splice call: the default pipe capacity.
@@ -521,7 +796,7 @@ mod splice {
     /// Pipes kept per worker thread between uses (two descriptors each).
     const KEEP: usize = 16;
 
-    struct Pipe {
+    pub(super) struct Pipe {
         r: OwnedFd,
         w: OwnedFd,
     }
@@ -535,7 +810,7 @@ mod splice {
         PIPES.with(|p| p.borrow().len())
     }
 
-    fn take() -> io::Result<Pipe> {
+    pub(super) fn take() -> io::Result<Pipe> {
         if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
             return Ok(p);
         }
@@ -543,8 +818,8 @@ mod splice {
         Ok(Pipe { r, w })
     }
 
-    /// Returns an empty pipe to the pool (a pipe that may hold bytes is dropped instead).
-    fn put(p: Pipe) {
+    /// Returns an empty pipe to the pool.
+    pub(super) fn put(p: Pipe) {
         PIPES.with(|pipes| {
             let mut pipes = pipes.borrow_mut();
             if pipes.len() < KEEP {
@@ -557,99 +832,14 @@ mod splice {
         SpliceFlags::NONBLOCK | SpliceFlags::MOVE
     }
 
-    pub(super) async fn pump(
-        from: &TcpStream,
-        to: &TcpStream,
-        bytes: &AtomicU64,
-        last_ms: &AtomicU64,
-        start: Instant,
-    ) -> io::Result<()> {
-        loop {
-            from.readable().await?;
-            let Ok(pipe) = take() else {
-                // Out of descriptors for a pipe: move this round through a buffer instead.
-                if copy_round(from, to, bytes, last_ms, start).await? {
-                    return Ok(());
-                }
-                continue;
-            };
-            let n = match from.try_io(Interest::READABLE, || {
-                splice(from, None, &pipe.w, None, CHUNK, flags()).map_err(io::Error::from)
-            }) {
-                Ok(0) => {
-                    put(pipe);
-                    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-                    return Ok(());
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    put(pipe);
-                    continue;
-                }
-                Err(e) => {
-                    put(pipe);
-                    return Err(e);
-                }
-            };
-            super::stamp(last_ms, start);
-            let mut left = n;
-            while left > 0 {
-                to.writable().await?;
-                match to.try_io(Interest::WRITABLE, || {
-                    splice(&pipe.r, None, to, None, left, flags()).map_err(io::Error::from)
-                }) {
-                    Ok(k) => left -= k,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // The pipe still holds bytes: it is dropped, not pooled.
-                    Err(e) => return Err(e),
-                }
-            }
-            put(pipe);
-            bytes.fetch_add(n as u64, Ordering::Relaxed);
-        }
+    /// Moves up to a pipe's worth from the socket into the (empty) pipe.
+    pub(super) fn fill(from: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
+        Ok(splice(from, None, &pipe.w, None, CHUNK, flags())?)
     }
 
-    /// One read-and-write through a pooled buffer; true at EOF (after shutting `to` down).
-    async fn copy_round(
-        from: &TcpStream,
-        to: &TcpStream,
-        bytes: &AtomicU64,
-        last_ms: &AtomicU64,
-        start: Instant,
-    ) -> io::Result<bool> {
-        let mut buf = super::BufPool::take();
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                super::BufPool::put(buf);
-                return Ok(false);
-            }
-            Err(e) => {
-                super::BufPool::put(buf);
-                return Err(e);
-            }
-        };
-        if n == 0 {
-            super::BufPool::put(buf);
-            let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-            return Ok(true);
-        }
-        super::stamp(last_ms, start);
-        let mut off = 0;
-        while off < n {
-            to.writable().await?;
-            match to.try_write(&buf[off..n]) {
-                Ok(k) => off += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    super::BufPool::put(buf);
-                    return Err(e);
-                }
-            }
-        }
-        super::BufPool::put(buf);
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(false)
+    /// Moves up to `len` bytes from the pipe into the socket.
+    pub(super) fn drain(pipe: &Pipe, to: &TcpStream, len: usize) -> io::Result<usize> {
+        Ok(splice(&pipe.r, None, to, None, len, flags())?)
     }
 }
 
@@ -685,11 +875,96 @@ impl BufPool {
     }
 }
 
+/// A TCP socket under a TLS stream, read ahead through a pooled buffer.
+///
+/// rustls reads at most 4 KiB per call, so a bulk TLS transfer over a bare socket costs a
+/// syscall per 4 KiB. This reads up to a whole pooled buffer at once and hands it out in the
+/// pieces asked for; the buffer goes back to the pool as soon as it is empty, so an idle
+/// connection holds none. Writes go straight to the socket.
+pub(crate) struct ReadAhead {
+    io: TcpStream,
+    ahead: Option<(Box<[u8]>, usize, usize)>,
+}
+
+impl ReadAhead {
+    pub(crate) fn new(io: TcpStream) -> Self {
+        Self { io, ahead: None }
+    }
+}
+
+impl AsyncRead for ReadAhead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if let Some((buf, off, len)) = &mut this.ahead {
+                let n = (*len - *off).min(out.remaining());
+                out.put_slice(&buf[*off..*off + n]);
+                *off += n;
+                if *off == *len {
+                    if let Some((buf, ..)) = this.ahead.take() {
+                        BufPool::put(buf);
+                    }
+                }
+                return Poll::Ready(Ok(()));
+            }
+            ready!(this.io.poll_read_ready(cx))?;
+            let mut buf = BufPool::take();
+            match read_draining(&this.io, &mut buf) {
+                Ok(0) => {
+                    BufPool::put(buf);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(len) => this.ahead = Some((buf, 0, len)),
+                Err(e) => {
+                    BufPool::put(buf);
+                    if !retry(&e) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ReadAhead {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// An idle proxied connection costs its task, and the task is mostly this future: guard
-    /// its size so a change to the loop cannot quietly double the memory of every idle watch
-    /// (README "Performance": 3.1 KiB RSS per idle connection at 1,680 bytes here).
+    /// its size (496 bytes when written) so a change to the loop cannot quietly double the
+    /// memory of every idle watch (README "Performance": 1.8 KiB RSS per idle connection).
     #[tokio::test]
     async fn an_idle_relay_stays_small() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -697,21 +972,17 @@ mod tests {
             .expect("bind");
         let a = l.local_addr().expect("addr");
         let (c, s) = tokio::join!(tokio::net::TcpStream::connect(a), l.accept());
-        let (cr, cw) = c.expect("connect").into_split();
-        let (br, bw) = s.expect("accept").0.into_split();
         let (t1, t2) = (
             tokio_util::sync::CancellationToken::new(),
             tokio_util::sync::CancellationToken::new(),
         );
-        let relay = super::relay(
-            cr,
-            cw,
-            br,
-            bw,
+        let relay = super::relay_tcp(
+            c.expect("connect"),
+            s.expect("accept").0,
             std::time::Duration::from_secs(1),
             super::drained(&t1, &t2),
         );
         let size = std::mem::size_of_val(&relay);
-        assert!(size <= 2048, "the relay future grew to {size} bytes");
+        assert!(size <= 640, "the relay future grew to {size} bytes");
     }
 }

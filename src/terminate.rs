@@ -24,7 +24,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Backend, Pool};
-use crate::forward::{connect, drained, log_close, log_connect_failed, relay};
+use crate::forward::{connect, drained, log_close, log_connect_failed, relay, ReadAhead};
 use crate::listener::ListenerState;
 
 /// Serves one accepted terminate connection to completion.
@@ -38,7 +38,8 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
     let errors = &state.metrics.tls;
     let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
 
-    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let acceptor =
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), ReadAhead::new(tcp));
     let start = match tokio::time::timeout_at(deadline, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
@@ -132,15 +133,17 @@ async fn backend_tls(
     tcp: TcpStream,
     alpn: &[Vec<u8>],
     failures: &prometheus::IntCounter,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+) -> Result<tokio_rustls::client::TlsStream<ReadAhead>, String> {
     let Some(pool_tls) = pool.cfg.tls.as_ref() else {
         return Err("pool has no [pool.tls]".into());
     };
     let mut config = (*pool_tls.client).clone();
     config.alpn_protocols = alpn.to_vec();
+    config.resumption =
+        rustls::client::Resumption::store(pool_tls.sessions.for_backend(backend.addr));
     let name = crate::health::server_name(pool, &backend);
     match TlsConnector::from(Arc::new(config))
-        .connect(name.clone(), tcp)
+        .connect(name.clone(), ReadAhead::new(tcp))
         .await
     {
         Ok(s) => Ok(s),

@@ -2,11 +2,14 @@
 //!
 //! Owns reading certificate chains, private keys (PKCS#8, PKCS#1, SEC1) and CA bundles from
 //! PEM, and the choice of crypto provider. `ring` is the provider: it builds with a C
-//! compiler only (no cmake, no Go), which keeps a fresh machine's build short, and its
-//! ECDSA P-256 handshake cost is within a few percent of aws-lc-rs for what a gateway does.
-//! Nothing here does network I/O.
+//! compiler only (no cmake, no Go), which keeps a fresh machine's build short (aws-lc-rs was
+//! not measured against it). Also owns the memory of TLS sessions with backends
+//! ([`SessionStores`]). Nothing here does network I/O.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -135,6 +138,112 @@ pub fn client_config(
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
     }
     Ok(Arc::new(config))
+}
+
+/// TLS 1.3 tickets kept per backend. rustls's own cache keeps 8 per server name, and a
+/// ticket is used once: a burst of more new connections than that would pay full handshakes
+/// (the backend's signature) for most of them. Servers send at least one ticket per
+/// handshake, so a deep queue stays full.
+const TICKETS_KEPT: usize = 256;
+/// Server names remembered per backend (normally one: the pool's `server_name`).
+const NAMES_KEPT: usize = 8;
+
+/// Session memory for a pool's terminate connections, one store per backend address: all
+/// backends usually share one server name (`kubernetes`), and a ticket from one apiserver is
+/// worthless at another. Built with the pool's TLS configuration, so a reload (which may
+/// change the CA) starts with no sessions.
+#[derive(Default)]
+pub struct SessionStores(Mutex<HashMap<SocketAddr, Arc<TicketStore>>>);
+
+impl SessionStores {
+    /// The store for connections to `backend`.
+    pub fn for_backend(&self, backend: SocketAddr) -> Arc<TicketStore> {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        m.entry(backend).or_default().clone()
+    }
+}
+
+impl fmt::Debug for SessionStores {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.lock().map_or(0, |m| m.len());
+        write!(f, "SessionStores({n} backends)")
+    }
+}
+
+type Tickets = HashMap<
+    rustls::pki_types::ServerName<'static>,
+    VecDeque<rustls::client::Tls13ClientSessionValue>,
+>;
+
+/// A [`rustls::client::ClientSessionStore`] for one backend: TLS 1.3 tickets in a deep queue,
+/// the rest (key-exchange hints, TLS 1.2 sessions) in rustls's own cache.
+#[derive(Debug)]
+pub struct TicketStore {
+    other: rustls::client::ClientSessionMemoryCache,
+    tls13: Mutex<Tickets>,
+}
+
+impl Default for TicketStore {
+    fn default() -> Self {
+        Self {
+            other: rustls::client::ClientSessionMemoryCache::new(NAMES_KEPT),
+            tls13: Mutex::default(),
+        }
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketStore {
+    fn set_kx_hint(&self, name: rustls::pki_types::ServerName<'static>, group: rustls::NamedGroup) {
+        self.other.set_kx_hint(name, group);
+    }
+
+    fn kx_hint(&self, name: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.other.kx_hint(name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        name: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.other.set_tls12_session(name, value);
+    }
+
+    fn tls12_session(
+        &self,
+        name: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.other.tls12_session(name)
+    }
+
+    fn remove_tls12_session(&self, name: &rustls::pki_types::ServerName<'static>) {
+        self.other.remove_tls12_session(name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        name: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        let mut m = self.tls13.lock().unwrap_or_else(PoisonError::into_inner);
+        if m.len() >= NAMES_KEPT && !m.contains_key(&name) {
+            m.clear();
+        }
+        let q = m.entry(name).or_default();
+        if q.len() >= TICKETS_KEPT {
+            q.pop_front();
+        }
+        q.push_back(value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        name: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        let mut m = self.tls13.lock().unwrap_or_else(PoisonError::into_inner);
+        // Newest first: the oldest are the likeliest to have expired.
+        m.get_mut(name)?.pop_back()
+    }
 }
 
 /// Subject and expiry (Unix seconds) of a DER certificate; `None` if it cannot be parsed.

@@ -494,3 +494,56 @@ async fn rsa_pkcs1_ecdsa_sec1_and_ed25519_keys_are_served() {
         gw.shutdown().await;
     }
 }
+
+/// rustls keeps 8 TLS 1.3 tickets per server name and uses each once, so a burst of more
+/// concurrent connections than that would cost the apiserver a full handshake (a signature)
+/// each; the gateway keeps a deep queue per backend.
+#[tokio::test]
+async fn backend_sessions_resume_for_a_burst_of_connections() {
+    const BURST: usize = 32;
+    let e = env();
+    let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
+    let gw = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
+    let client = public_client(&e, None, &["http/1.1"]);
+    let mut resumed = Vec::new();
+    for round in 0..2 {
+        let before = servers[0].resumed_handshakes();
+        // All handshakes at once, so the burst really is concurrent: the gateway finishes
+        // its backend handshake before it answers the client's, and reads the backend's
+        // tickets only once relaying.
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..BURST {
+            set.spawn(tls_to(gw.addr(), client.clone(), "localhost"));
+        }
+        let mut conns = Vec::new();
+        while let Some(c) = within(20, "handshakes", set.join_next()).await {
+            conns.push(c.expect("join").expect("TLS through the gateway"));
+        }
+        for mut c in conns {
+            c.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut body = Vec::new();
+            within(10, "response", c.read_to_end(&mut body))
+                .await
+                .expect("read");
+            assert!(
+                body.starts_with(b"HTTP/1.1 200"),
+                "round {round}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        resumed.push(servers[0].resumed_handshakes() - before);
+    }
+    assert!(
+        resumed[0] < BURST as u64 / 2,
+        "{} of the first burst resumed: the burst was not concurrent",
+        resumed[0]
+    );
+    assert!(
+        resumed[1] >= BURST as u64 - 2,
+        "only {} of {BURST} backend handshakes resumed in the second burst",
+        resumed[1]
+    );
+    gw.shutdown().await;
+}

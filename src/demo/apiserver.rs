@@ -116,6 +116,7 @@ struct Shared {
     requests: AtomicU64,
     handshake_errors: AtomicU64,
     connection_errors: AtomicU64,
+    resumed: AtomicU64,
     tokens: Vec<(String, Identity)>,
     watch_interval: Duration,
     anonymous: bool,
@@ -201,6 +202,7 @@ impl ApiServer {
             requests: AtomicU64::new(0),
             handshake_errors: AtomicU64::new(0),
             connection_errors: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
             tokens: opts.tokens,
             watch_interval: opts.watch_interval,
             anonymous: opts.anonymous,
@@ -245,6 +247,12 @@ impl ApiServer {
     /// close_notify.
     pub fn connection_errors(&self) -> u64 {
         self.shared.connection_errors.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes that resumed an earlier session instead of a full handshake (which
+    /// costs the server a signature).
+    pub fn resumed_handshakes(&self) -> u64 {
+        self.shared.resumed.load(Ordering::Relaxed)
     }
 
     /// Stops accepting and closes open connections.
@@ -303,6 +311,9 @@ async fn serve_conn(
             return;
         }
     };
+    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        shared.resumed.fetch_add(1, Ordering::Relaxed);
+    }
     let cert_identity = tls
         .get_ref()
         .1
