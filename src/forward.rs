@@ -6,11 +6,13 @@
 //! and writes one log line with the close reason. The snapshot it was handed at accept time
 //! is kept for the whole connection, so a reload only affects new connections.
 //!
-//! [`relay`] is the hot path and the only copy loop in the crate. It is readiness-driven:
-//! while a connection is idle it holds no buffer at all (an idle watch costs two sockets and a
-//! task); a buffer is borrowed from a per-thread pool only once a socket is readable, and
-//! returned as soon as those bytes are written. Nothing in the loop touches metrics, logs or
-//! configuration; byte counts are plain atomics read once at the end.
+//! The copy loops are the hot path: [`relay_tcp`] for passthrough (TCP to TCP, splice(2)
+//! for bulk bytes on Linux) and [`relay`] for terminate (TLS streams on both sides). Both
+//! are readiness-driven: while a connection is idle it holds no buffer or pipe (an idle
+//! watch costs two sockets and a small task); a buffer or pipe is borrowed from a per-thread
+//! pool only once a socket is readable, and returned as soon as those bytes are written.
+//! Nothing in the loops touches metrics, logs or configuration; byte counts are read once at
+//! the end.
 
 use std::cell::RefCell;
 use std::fmt;

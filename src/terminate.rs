@@ -8,7 +8,8 @@
 //! `kubectl exec` does, to upgrade) gets an http/1.1 backend connection. The backend is
 //! verified against `[pool.tls]`; no client certificate is ever presented to it, and none is
 //! asked of the client. After both handshakes the bytes go through [`crate::forward::relay`],
-//! the same copy loop as passthrough.
+//! with the same ends, half-close and idle rules as passthrough's loop; both sockets are read
+//! through `forward::ReadAhead`, which hands rustls whole buffers instead of 4 KiB reads.
 //!
 //! Failures before relaying are counted by reason in `apilb_tls_handshake_errors_total` and
 //! logged at debug per connection; `report_errors` writes an info summary at most once a
