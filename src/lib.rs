@@ -10,7 +10,7 @@
 //!                                                                   │ (load_full per accept)
 //!   client ──▶ listener::AcceptLoop ──spawn──▶ forward::serve ──────┘
 //!                 │ max_connections             │ balance::Pool::pick → connect (+retry)
-//!                 │ accept backoff              │ forward::relay (half-close, idle, drain)
+//!                 │ accept backoff              │ forward::relay_tcp (half-close, idle, drain)
 //!                 ▼                             ▼
 //!              metrics (atomics) ◀──── one access-log line + counters at close
 //!
@@ -20,7 +20,12 @@
 //! Threading: one multi-threaded tokio runtime whose worker count is `--threads` (default:
 //! the number of cores). Every connection is one task; tokio's work-stealing spreads them
 //! over the workers, and the copy loop is readiness-driven, so a worker only runs a
-//! connection when one of its sockets has something to do.
+//! connection when one of its sockets has something to do. Each listening socket has one
+//! accept task; accepting is cheap next to a connection's life, and new connections are
+//! spawned onto the accepting worker, from where idle workers steal them. Relay buffers and
+//! splice pipes come from per-worker pools (no lock), and per-connection counters are plain
+//! fields summed into the shared metrics once, at close. Health checks, reloads and the admin
+//! server are ordinary tasks on the same workers.
 //!
 //! `demo` holds the throwaway PKI and the simulated kube-apiserver used by `apilb demo`,
 //! the tests and the benchmarks.
