@@ -500,6 +500,7 @@ def report(results, scaling, args):
             print("|---|---|---|")
             for label, o in others:
                 if label != "HAProxy + splice":
+                    label = {"HAProxy mode tcp": "HAProxy `bind ssl`", "nginx stream": "nginx stream `ssl`"}.get(label, label)
                     print(f"| {label} | {ratios(a, o, ('hs', 'tlsbulk'))} |")
 
     if any(r.get("cpu_cps") or r.get("cpu_hs") for r in results.values()):
