@@ -57,6 +57,15 @@ def start(cmd, cpu, **kw):
     return p
 
 
+def stop(p):
+    """Ends one proxy this script started, by PID: SIGTERM, then SIGKILL after 15 s."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
 def stop_all():
     for p in started:
         if p.poll() is None:
@@ -394,11 +403,7 @@ def measure_scaling(args):
             }
             print(f"  apilb --threads {threads}, unpinned: {out[threads]}", file=sys.stderr, flush=True)
         finally:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)
     return out
 
 
@@ -442,11 +447,7 @@ def main():
                 try:
                     return measure(name, PROXY_PORTS[key], p.pid, args)
                 finally:
-                    p.send_signal(signal.SIGTERM)
-                    try:
-                        p.wait(timeout=15)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+                    stop(p)
             results[name] = median_runs(one_run, args.runs)
         if "scaling" in args.measure.split(","):
             scaling = measure_scaling(args)
