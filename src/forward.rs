@@ -362,7 +362,7 @@ pub fn relay_tcp<D: Future<Output = ()>>(
         first_eof: None,
         idle,
         idle_sleep: tokio::time::sleep_until(tokio::time::Instant::from_std(start) + idle),
-        drain,
+        drain: Watched::new(drain),
     }
 }
 
@@ -380,7 +380,7 @@ pin_project_lite::pin_project! {
         #[pin]
         idle_sleep: tokio::time::Sleep,
         #[pin]
-        drain: D,
+        drain: Watched<D>,
     }
 }
 
@@ -434,6 +434,64 @@ impl<D: Future<Output = ()>> Future for RelayTcp<D> {
             end: end.0,
             error: end.1,
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A relay's drain future, polled only when it asked to be: on the first poll and after
+    /// it woke the task. Polling a cancellation wait takes two mutexes that every connection
+    /// of the listener (or backend) shares, and a relay is polled on every readiness event;
+    /// this keeps the data path free of shared locks, at one small allocation per connection.
+    struct Watched<D> {
+        #[pin]
+        inner: D,
+        wake: Arc<DrainWake>,
+        armed: bool,
+    }
+}
+
+/// The waker a [`Watched`] future gives its inner future: notes that it fired, then wakes
+/// the task.
+#[derive(Default)]
+struct DrainWake {
+    fired: AtomicBool,
+    task: atomic_waker::AtomicWaker,
+}
+
+impl std::task::Wake for DrainWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<D> Watched<D> {
+    fn new(inner: D) -> Self {
+        Self {
+            inner,
+            wake: Arc::default(),
+            armed: false,
+        }
+    }
+}
+
+impl<D: Future<Output = ()>> Future for Watched<D> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        // Register before looking at `fired`: a wake between the two is then not lost.
+        this.wake.task.register(cx.waker());
+        if *this.armed && !this.wake.fired.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        *this.armed = true;
+        let waker = std::task::Waker::from(this.wake.clone());
+        this.inner.poll(&mut Context::from_waker(&waker))
     }
 }
 
@@ -685,7 +743,7 @@ where
     let mut first_eof: Option<End> = None;
     let idle_sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(start) + idle);
     let mut idle_sleep = pin!(idle_sleep);
-    let mut drain = pin!(drain);
+    let mut drain = pin!(Watched::new(drain));
 
     let (end, error) = loop {
         tokio::select! {
@@ -974,6 +1032,67 @@ mod tests {
         let a = l.local_addr().expect("addr");
         let (c, s) = tokio::join!(TcpStream::connect(a), l.accept());
         (c.expect("connect"), s.expect("accept").0)
+    }
+
+    /// A drain ends a relay at once, whether it comes while bytes flow or while the
+    /// connection is idle, and whichever of the two tokens fires.
+    #[tokio::test]
+    async fn drain_ends_a_relay_busy_or_idle() {
+        for (busy, backend_token) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (mut client, gw_client) = pair().await;
+            let (gw_backend, mut backend) = pair().await;
+            let (listener, per_backend) = (
+                tokio_util::sync::CancellationToken::new(),
+                tokio_util::sync::CancellationToken::new(),
+            );
+            let (l, b) = (listener.clone(), per_backend.clone());
+            let relay = tokio::spawn(async move {
+                super::relay_tcp(
+                    gw_client,
+                    gw_backend,
+                    Duration::from_secs(30),
+                    super::drained(&l, &b),
+                )
+                .await
+            });
+            client.write_all(b"ping").await.expect("write");
+            let mut m = [0u8; 4];
+            backend.read_exact(&mut m).await.expect("relayed");
+            // Busy: a writer keeps bytes flowing while the token fires. Idle: both ends
+            // stay open and quiet.
+            let mut tasks = Vec::new();
+            let mut quiet = None;
+            if busy {
+                tasks.push(tokio::spawn(async move {
+                    while client.write_all(&[7u8; 1024]).await.is_ok() {}
+                }));
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while backend.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                }));
+            } else {
+                quiet = Some((client, backend));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if backend_token {
+                per_backend.cancel()
+            } else {
+                listener.cancel()
+            }
+            let r = tokio::time::timeout(Duration::from_secs(2), relay)
+                .await
+                .expect("relay ended after the drain")
+                .expect("join");
+            assert_eq!(
+                r.end,
+                super::End::Drained,
+                "busy {busy}, backend token {backend_token}"
+            );
+            for t in tasks {
+                t.abort();
+            }
+            drop(quiet);
+        }
     }
 
     /// The direction switches between copying and splicing as the traffic changes: a bulk
