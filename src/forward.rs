@@ -1156,7 +1156,7 @@ mod tests {
     }
 
     /// An idle proxied connection costs its task, and the task is mostly this future: guard
-    /// its size (496 bytes when written) so a change to the loop cannot quietly double the
+    /// its size (512 bytes when written) so a change to the loop cannot quietly double the
     /// memory of every idle watch (README "Performance": 1.8 KiB RSS per idle connection).
     #[tokio::test]
     async fn an_idle_relay_stays_small() {
