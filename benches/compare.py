@@ -121,6 +121,21 @@ def make_pki(tmp):
 
 # === Backends ===
 
+def start_nginx_with(tmp, name, cpu, connections, body, preamble=""):
+    """One nginx with one worker, in the foreground, its files in `tmp` under `name`."""
+    conf = os.path.join(tmp, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(f"""{preamble}
+worker_processes 1;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}.err;
+daemon off;
+worker_rlimit_nofile 20000;
+events {{ worker_connections {connections}; }}
+{body}""")
+    return start(["nginx", "-c", conf, "-e", f"{tmp}/{name}.err"], cpu)
+
+
 def start_backends(tmp, pki, big_mib):
     start(["iperf3", "-s", "-p", str(PORTS["iperf_backend"])], LOAD_CPU)
     body = "x" * 100
@@ -130,15 +145,7 @@ def start_backends(tmp, pki, big_mib):
     # nginx's workers drop root: they must be able to reach the file.
     os.chmod(tmp, 0o755)
     os.chmod(os.path.join(tmp, "big"), 0o644)
-    conf = os.path.join(tmp, "backend-nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
-worker_processes 1;
-pid {tmp}/backend-nginx.pid;
-error_log {tmp}/backend-nginx.err;
-daemon off;
-worker_rlimit_nofile 20000;
-events {{ worker_connections 16000; }}
+    start_nginx_with(tmp, "backend-nginx", LOAD_CPU, 16000, f"""
 http {{
   access_log off;
   keepalive_requests 1000000;
@@ -162,7 +169,6 @@ http {{
   }}
 }}
 """)
-    start(["nginx", "-c", conf, "-e", f"{tmp}/backend-nginx.err"], LOAD_CPU)
     for k in PORTS:
         wait_port(PORTS[k])
 
@@ -229,18 +235,9 @@ listen tls
 
 def start_nginx(tmp, pki):
     t, h, i, x = PROXY_PORTS["nginx"]
-    conf = os.path.join(tmp, "proxy-nginx.conf")
     mod = "/usr/lib/nginx/modules/ngx_stream_module.so"
     load = f"load_module {mod};" if os.path.exists(mod) else ""
-    with open(conf, "w") as f:
-        f.write(f"""
-{load}
-worker_processes 1;
-pid {tmp}/proxy-nginx.pid;
-error_log {tmp}/proxy-nginx.err;
-daemon off;
-worker_rlimit_nofile 20000;
-events {{ worker_connections 19500; }}
+    p = start_nginx_with(tmp, "proxy-nginx", PROXY_CPU, 19500, f"""
 stream {{
   proxy_timeout 1h;
   server {{ listen 127.0.0.1:{t} backlog=4096; proxy_pass 127.0.0.1:{PORTS['iperf_backend']}; }}
@@ -261,8 +258,7 @@ stream {{
     proxy_ssl_protocols TLSv1.2 TLSv1.3;
   }}
 }}
-""")
-    p = start(["nginx", "-c", conf, "-e", f"{tmp}/proxy-nginx.err"], PROXY_CPU)
+""", preamble=load)
     for port in (t, h, i, x):
         wait_port(port)
     return p

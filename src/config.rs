@@ -1056,6 +1056,26 @@ impl Validator<'_> {
         key_key: &str,
         source: &str,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.pem_pair(cert, key, cert_key, key_key, source, |chain, pk| {
+            rustls::sign::CertifiedKey::from_der(chain, pk, &crate::tls::provider()).map(Arc::new)
+        })
+    }
+
+    /// Reads a certificate chain and its key (checking the key file's permissions and
+    /// recording the chain's expiry at `source`), then `build`s them into what the caller
+    /// needs; every failure is reported against the key that names the file.
+    fn pem_pair<T, E: std::fmt::Display>(
+        &mut self,
+        cert: &Spanned<String>,
+        key: &Spanned<String>,
+        cert_key: &str,
+        key_key: &str,
+        source: &str,
+        build: impl FnOnce(
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ) -> Result<T, E>,
+    ) -> Option<T> {
         let (cert_path, cert_pem) = self.read(cert, cert_key)?;
         let (key_path, key_pem) = self.read(key, key_key)?;
         self.key_permissions(&key_path, key.span(), key_key);
@@ -1074,8 +1094,8 @@ impl Validator<'_> {
                 return None;
             }
         };
-        match rustls::sign::CertifiedKey::from_der(chain, pk, &crate::tls::provider()) {
-            Ok(ck) => Some(Arc::new(ck)),
+        match build(chain, pk) {
+            Ok(built) => Some(built),
             Err(e) => {
                 self.error(
                     key.span(),
@@ -1351,36 +1371,15 @@ impl Validator<'_> {
         cert_key: &str,
         key_key: &str,
     ) -> Option<crate::tls::Identity> {
-        let (cert_path, cert_pem) = self.read(cert, cert_key)?;
-        let (key_path, key_pem) = self.read(key, key_key)?;
-        self.key_permissions(&key_path, key.span(), key_key);
-        let chain = match crate::tls::certs_from_pem(&cert_pem, &cert_path.display().to_string()) {
-            Ok(c) => c,
-            Err(e) => {
-                self.error(cert.span(), cert_key, e.to_string());
-                return None;
-            }
-        };
         let source = format!("{}/health_client_cert", self.scope);
-        self.expiry(&chain, cert.span(), cert_key, &cert_path, &source, false);
-        let pk = match crate::tls::key_from_pem(&key_pem, &key_path.display().to_string()) {
-            Ok(k) => k,
-            Err(e) => {
-                self.error(key.span(), key_key, e.to_string());
-                return None;
-            }
-        };
-        match crate::tls::Identity::new(chain, pk) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                self.error(
-                    key.span(),
-                    key_key,
-                    format!("{} and {}: {e}", cert_path.display(), key_path.display()),
-                );
-                None
-            }
-        }
+        self.pem_pair(
+            cert,
+            key,
+            cert_key,
+            key_key,
+            &source,
+            crate::tls::Identity::new,
+        )
     }
 
     /// Resolves `IP:port` or `host:port` once, at load (and reload) time.

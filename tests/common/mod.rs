@@ -269,45 +269,29 @@ pub fn sha(b: &[u8]) -> [u8; 32] {
     Sha256::digest(b).into()
 }
 
-/// A backend that reads a request until EOF, then answers with `len` bytes of
-/// `payload(seed)` followed by the SHA-256 of what it received, and closes.
-/// The request starts with 16 bytes: seed and length of the answer.
-pub struct SinkServer {
+/// A test backend on loopback: its address, how many connections it accepted, and its
+/// accept loop. Built by [`SinkServer`] and [`EchoServer`].
+pub struct TestServer {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl SinkServer {
-    pub async fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+impl TestServer {
+    /// Accepts on `listen`, counting connections, and runs `conn` for each in its own task.
+    async fn spawn<F, Fut>(listen: &str, conn: F) -> Self
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind(listen).await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let acc = accepted.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
+            while let Ok((s, _)) = l.accept().await {
                 acc.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut head = [0u8; 16];
-                    if s.read_exact(&mut head).await.is_err() {
-                        return;
-                    }
-                    let seed = u64::from_le_bytes(head[..8].try_into().expect("8"));
-                    let len = u64::from_le_bytes(head[8..].try_into().expect("8")) as usize;
-                    let mut hasher = Sha256::new();
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        match s.read(&mut buf).await {
-                            Ok(0) => break,
-                            Ok(n) => hasher.update(&buf[..n]),
-                            Err(_) => return,
-                        }
-                    }
-                    let got: [u8; 32] = hasher.finalize().into();
-                    let _ = s.write_all(&payload(seed, len)).await;
-                    let _ = s.write_all(&got).await;
-                    let _ = s.shutdown().await;
-                });
+                tokio::spawn(conn(s));
             }
         });
         Self {
@@ -320,6 +304,38 @@ impl SinkServer {
     /// Closes the listening socket (connections already accepted go on).
     pub async fn stop(&self) {
         abort_and_wait(&self.task).await;
+    }
+}
+
+/// A backend that reads a request until EOF, then answers with `len` bytes of
+/// `payload(seed)` followed by the SHA-256 of what it received, and closes.
+/// The request starts with 16 bytes: seed and length of the answer.
+pub struct SinkServer;
+
+impl SinkServer {
+    pub async fn start() -> TestServer {
+        TestServer::spawn("127.0.0.1:0", |mut s: TcpStream| async move {
+            let mut head = [0u8; 16];
+            if s.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let seed = u64::from_le_bytes(head[..8].try_into().expect("8"));
+            let len = u64::from_le_bytes(head[8..].try_into().expect("8")) as usize;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => hasher.update(&buf[..n]),
+                    Err(_) => return,
+                }
+            }
+            let got: [u8; 32] = hasher.finalize().into();
+            let _ = s.write_all(&payload(seed, len)).await;
+            let _ = s.write_all(&got).await;
+            let _ = s.shutdown().await;
+        })
+        .await
     }
 }
 
@@ -348,47 +364,25 @@ pub async fn sink_roundtrip(addr: SocketAddr, up: usize, down: usize, seed: u64)
 }
 
 /// A backend that echoes everything and counts accepted connections.
-pub struct EchoServer {
-    pub addr: SocketAddr,
-    pub accepted: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
+pub struct EchoServer;
 
 impl EchoServer {
-    pub async fn start() -> Self {
+    pub async fn start() -> TestServer {
         Self::start_on("127.0.0.1:0").await
     }
 
-    pub async fn start_on(listen: &str) -> Self {
-        let l = TcpListener::bind(listen).await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let acc = accepted.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                acc.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.into_split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        Self {
-            addr,
-            accepted,
-            task,
-        }
-    }
-
-    /// Closes the listening socket (connections already accepted go on).
-    pub async fn stop(&self) {
-        abort_and_wait(&self.task).await;
+    pub async fn start_on(listen: &str) -> TestServer {
+        TestServer::spawn(listen, |s: TcpStream| async move {
+            let (mut r, mut w) = s.into_split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        })
+        .await
     }
 }
 
 /// `n` echo servers.
-pub async fn echo_servers(n: usize) -> Vec<EchoServer> {
+pub async fn echo_servers(n: usize) -> Vec<TestServer> {
     let mut v = Vec::new();
     for _ in 0..n {
         v.push(EchoServer::start().await);
