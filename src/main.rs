@@ -176,32 +176,31 @@ fn test_hook_block_on_sigusr2() {
     }
 }
 
+/// `apilb check`'s list of expired certificates or warnings, with a counted heading; nothing
+/// when there are none.
+fn list_findings(path: &std::path::Path, what: &str, prefix: &str, items: &[config::ConfigError]) {
+    if items.is_empty() {
+        return;
+    }
+    let n = items.len();
+    eprintln!(
+        "apilb check: {n} {what}{} in {}:",
+        if n == 1 { "" } else { "s" },
+        path.display()
+    );
+    for item in items {
+        eprintln!("{prefix}{item}");
+    }
+}
+
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) if !cfg.expired.is_empty() => {
-            let n = cfg.expired.len();
-            eprintln!(
-                "apilb check: {n} expired certificate{} in {}:",
-                if n == 1 { "" } else { "s" },
-                path.display()
-            );
-            for e in &cfg.expired {
-                eprintln!("{e}");
-            }
+            list_findings(path, "expired certificate", "", &cfg.expired);
             ExitCode::from(EXIT_CONFIG)
         }
         Ok(cfg) => {
-            if !cfg.warnings.is_empty() {
-                let n = cfg.warnings.len();
-                eprintln!(
-                    "apilb check: {n} warning{} in {}:",
-                    if n == 1 { "" } else { "s" },
-                    path.display()
-                );
-                for w in &cfg.warnings {
-                    eprintln!("warning: {w}");
-                }
-            }
+            list_findings(path, "warning", "warning: ", &cfg.warnings);
             print!("{}", summary(&cfg));
             ExitCode::SUCCESS
         }
