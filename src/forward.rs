@@ -118,8 +118,8 @@ pub(crate) async fn serve(client: TcpStream, client_addr: SocketAddr, state: Arc
     let started = Instant::now();
     // The client socket inherited NODELAY, keepalive and TCP_USER_TIMEOUT from the
     // listening socket (listener::bind): no syscalls for them per connection.
-    // Boxed: connecting needs more state than relaying, and a task is as large as its
-    // largest state for its whole life. This allocation is freed once connected.
+    // Boxed: connecting needs more state than relaying (88 bytes more), and a task is as
+    // large as its largest state for its whole life. This allocation is freed once connected.
     let connected = Box::pin(async {
         tokio::select! {
             r = connect(&state.pool, client_addr, &state.cfg.name, |_, tcp| async move { Ok(tcp) }) => r,
