@@ -160,7 +160,8 @@ impl AcceptLoop {
 }
 
 /// The task of one admitted connection. Its size is what every idle connection costs, so a
-/// test guards it.
+/// test guards it; an `async fn` would keep its arguments twice (856 bytes instead of 824).
+#[allow(clippy::manual_async_fn)]
 fn connection(
     stream: tokio::net::TcpStream,
     client: SocketAddr,
