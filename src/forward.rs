@@ -30,7 +30,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Re
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-use crate::balance::{ActiveGuard, Backend, Pool};
+use crate::balance::Backend;
+use crate::connect::{connect, ConnectError};
 use crate::listener::ListenerState;
 
 // === Close reasons ===
@@ -123,14 +124,14 @@ pub(crate) async fn serve(client: TcpStream, client_addr: SocketAddr, state: Arc
     let connected = Box::pin(async {
         tokio::select! {
             r = connect(&state.pool, client_addr, &state.cfg.name, |_, tcp| async move { Ok(tcp) }) => r,
-            () = state.drain.cancelled() => Err(None),
+            () = state.drain.cancelled() => Err(ConnectError::Draining),
         }
     })
     .await;
     let (backend_stream, guard) = match connected {
         Ok(c) => c,
-        Err(last_error) => {
-            log_connect_failed(&state, client_addr, started, last_error.as_deref());
+        Err(e) => {
+            log_connect_failed(&state, client_addr, started, &e);
             return;
         }
     };
@@ -177,9 +178,13 @@ pub(crate) fn log_connect_failed(
     state: &ListenerState,
     client: SocketAddr,
     started: Instant,
-    error: Option<&str>,
+    error: &ConnectError,
 ) {
-    state.metrics.rejected_no_backend.inc();
+    match error.cause() {
+        Some(crate::metrics::CAUSE_CLIENT) => state.metrics.connect_client.inc(),
+        Some(_) => state.metrics.connect_local.inc(),
+        None => state.metrics.rejected_no_backend.inc(),
+    }
     tracing::info!(
         target: "apilb::access",
         listener = %state.cfg.name,
@@ -189,7 +194,7 @@ pub(crate) fn log_connect_failed(
         bytes_up = 0u64,
         bytes_down = 0u64,
         end = %End::ConnectFailed,
-        error = error.unwrap_or("shutting down"),
+        error = %error,
         "connection closed"
     );
 }
@@ -228,70 +233,6 @@ pub(crate) fn log_close(
 
 fn duration_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Tries distinct backends in the pool's order until one accepts the connect and `finish`
-/// (nothing for passthrough, the backend TLS handshake for terminate) succeeds, each attempt
-/// within `connect_timeout`.
-///
-/// Every failure counts against its backend (metrics and passive health); the error of the
-/// last attempt is returned for the access log.
-pub(crate) async fn connect<T, F, Fut>(
-    pool: &Pool,
-    client: SocketAddr,
-    listener: &str,
-    finish: F,
-) -> Result<(T, ActiveGuard), Option<String>>
-where
-    F: Fn(Arc<Backend>, TcpStream) -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let attempts = pool.cfg.connect_attempts.get() as usize;
-    let mut tried: Vec<usize> = Vec::new();
-    let mut last_error = None;
-    while tried.len() < attempts {
-        let Some(i) = pool.pick(&tried) else { break };
-        tried.push(i);
-        let backend = &pool.backends[i];
-        // Counted as active from the pick on, so concurrent picks by least-conn see it.
-        let guard = ActiveGuard::new(backend.clone());
-        let attempt = async {
-            let sock = if backend.addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()
-            } else {
-                tokio::net::TcpSocket::new_v6()
-            }
-            .map_err(|e| e.to_string())?;
-            // Options before connect: the SYN already carries them, same six calls.
-            tune(SockRef::from(&sock), "backend");
-            let tcp = sock
-                .connect(backend.addr)
-                .await
-                .map_err(|e| e.to_string())?;
-            finish(backend.clone(), tcp).await
-        };
-        let err = match tokio::time::timeout(pool.cfg.connect_timeout, attempt).await {
-            Ok(Ok(stream)) => {
-                backend.metrics.connections.inc();
-                return Ok((stream, guard));
-            }
-            Ok(Err(e)) => e,
-            Err(_) => format!(
-                "timeout after {}",
-                humantime::format_duration(pool.cfg.connect_timeout)
-            ),
-        };
-        backend.metrics.connect_errors.inc();
-        // Passive health: a failed connect counts like a failed check (a success does not
-        // count as a pass: an accepting socket says little about a hung apiserver).
-        crate::health::record(pool, backend, false, &format!("connect failed: {err}"));
-        tracing::debug!(listener, client = %client, backend = %backend.name, error = %err, "backend connect failed, trying another");
-        last_error = Some(format!(
-            "connect to {} ({}): {err}",
-            backend.name, backend.addr
-        ));
-    }
-    Err(last_error.or_else(|| Some("no healthy backend (when_all_down = \"reject\")".into())))
 }
 
 // === The copy loops ===

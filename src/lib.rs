@@ -33,6 +33,7 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+mod connect;
 pub mod demo;
 pub mod forward;
 pub mod health;

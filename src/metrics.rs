@@ -35,7 +35,7 @@ pub const HEALTH_CHECKS: &str = "apilb_health_checks_total";
 pub const HEALTH_CHECK_DURATION: &str = "apilb_health_check_duration_seconds";
 /// `apilb_tls_handshake_errors_total{listener,reason}`: client-side TLS failures on
 /// terminate listeners. SPEC §4 names it with `listener` only; `reason` (handshake_timeout,
-/// not_tls, client_handshake, backend_tls) is added so an operator can tell a scanner from a
+/// not_tls, client_handshake, backend_tls, client_alpn) is added so an operator can tell a scanner from a
 /// broken backend, and `sum by (listener)` gives SPEC's series.
 pub const TLS_HANDSHAKE_ERRORS: &str = "apilb_tls_handshake_errors_total";
 /// `apilb_listener_connection_duration_seconds{listener}`: how long proxied connections lived.
@@ -49,6 +49,15 @@ pub const CERTIFICATE_EXPIRY: &str = "apilb_certificate_expiry_timestamp_seconds
 pub const LISTENER_CLOSED: &str = "apilb_listener_closed_total";
 /// `apilb_config_info{hash}`: 1 for the content hash of the running config.
 pub const CONFIG_INFO: &str = "apilb_config_info";
+/// `apilb_listener_connect_errors_total{listener,cause}`: clients that got no backend
+/// connection for a cause that is not a backend's (`client`: its ALPN; `local`: the gateway
+/// ran out of descriptors, buffers or ports). Kept apart from
+/// `apilb_backend_connect_errors_total` and passive health, which are for what backends do.
+pub const LISTENER_CONNECT_ERRORS: &str = "apilb_listener_connect_errors_total";
+/// `cause` of [`LISTENER_CONNECT_ERRORS`]: the client's request could not be served.
+pub const CAUSE_CLIENT: &str = "client";
+/// `cause` of [`LISTENER_CONNECT_ERRORS`]: the gateway's own shortage.
+pub const CAUSE_LOCAL: &str = "local";
 /// `apilb_pool_fail_open_total{pool}`
 pub const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 
@@ -65,6 +74,7 @@ pub struct Metrics {
     listener_active: IntGaugeVec,
     listener_rejected: IntCounterVec,
     listener_accept_errors: IntCounterVec,
+    listener_connect_errors: IntCounterVec,
     backend_connections: IntCounterVec,
     backend_active: IntGaugeVec,
     backend_connect_errors: IntCounterVec,
@@ -133,6 +143,12 @@ impl Metrics {
                 LISTENER_ACCEPT_ERRORS,
                 "accept(2) failures, such as running out of file descriptors.",
                 &["listener"],
+            ),
+            listener_connect_errors: counter(
+                &r,
+                LISTENER_CONNECT_ERRORS,
+                "Clients that got no backend connection for a cause not the backend's (client, local); not charged to any backend.",
+                &["listener", "cause"],
             ),
             backend_connections: counter(
                 &r,
@@ -294,6 +310,12 @@ impl Metrics {
                 .listener_rejected
                 .with_label_values(&[listener, REJECT_NO_BACKEND]),
             accept_errors: self.listener_accept_errors.with_label_values(&[listener]),
+            connect_client: self
+                .listener_connect_errors
+                .with_label_values(&[listener, CAUSE_CLIENT]),
+            connect_local: self
+                .listener_connect_errors
+                .with_label_values(&[listener, CAUSE_LOCAL]),
             duration: self.connection_duration.with_label_values(&[listener]),
             closed: crate::forward::End::PROXIED.map(|end| {
                 self.listener_closed
@@ -312,6 +334,9 @@ impl Metrics {
                 backend_tls: self
                     .tls_handshake_errors
                     .with_label_values(&[listener, "backend_tls"]),
+                client_alpn: self
+                    .tls_handshake_errors
+                    .with_label_values(&[listener, "client_alpn"]),
             },
         }
     }
@@ -360,6 +385,10 @@ pub struct ListenerMetrics {
     pub rejected_no_backend: IntCounter,
     /// accept(2) errors.
     pub accept_errors: IntCounter,
+    /// No backend connection because of the client (not charged to a backend).
+    pub connect_client: IntCounter,
+    /// No backend connection because of the gateway itself (not charged to a backend).
+    pub connect_local: IntCounter,
     /// Lifetime of proxied connections.
     pub duration: Histogram,
     /// Proxied connections by end, indexed like [`crate::forward::End::PROXIED`].
@@ -379,6 +408,9 @@ pub struct TlsErrorMetrics {
     pub client_handshake: IntCounter,
     /// The TLS handshake with a backend failed (counted per backend tried).
     pub backend_tls: IntCounter,
+    /// The client offered ALPN protocols of which the gateway knows none (refused with
+    /// `no_application_protocol` before any backend is contacted).
+    pub client_alpn: IntCounter,
 }
 
 impl TlsErrorMetrics {
@@ -388,6 +420,7 @@ impl TlsErrorMetrics {
             + self.not_tls.get()
             + self.client_handshake.get()
             + self.backend_tls.get()
+            + self.client_alpn.get()
     }
 }
 

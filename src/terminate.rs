@@ -2,8 +2,9 @@
 //! gateway's own goes on to the backend.
 //!
 //! The order matters for ALPN (SPEC §3, Terminate listener): read the ClientHello first
-//! (`LazyConfigAcceptor`), connect to a backend offering the client's protocols (filtered by
-//! `alpn`), and only then finish the client's handshake, answering with exactly what the
+//! (`LazyConfigAcceptor`), connect to a backend offering the client's protocols (only `h2`
+//! and `http/1.1`, further filtered by `alpn`; a client offering none of those is refused
+//! before any backend is contacted), and only then finish the client's handshake, answering with exactly what the
 //! backend chose. So HTTP/2 works end to end, and a client that asks for http/1.1 only (as
 //! `kubectl exec` does, to upgrade) gets an http/1.1 backend connection. The backend is
 //! verified against `[pool.tls]`; no client certificate is ever presented to it, and none is
@@ -25,7 +26,8 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Backend, Pool};
-use crate::forward::{connect, drained, log_close, log_connect_failed, relay, ReadAhead};
+use crate::connect::{connect, AttemptError, ConnectError};
+use crate::forward::{drained, log_close, log_connect_failed, relay, ReadAhead};
 use crate::listener::ListenerState;
 
 /// Serves one accepted terminate connection to completion.
@@ -60,32 +62,33 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
     };
 
     let hello = start.client_hello();
-    let offered: Vec<Vec<u8>> = hello
-        .alpn()
-        .map(|protos| {
-            protos
-                .filter(|p| {
-                    tls.alpn
-                        .as_ref()
-                        .is_none_or(|allowed| allowed.iter().any(|a| a.as_bytes() == *p))
-                })
-                .map(<[u8]>::to_vec)
-                .collect()
-        })
-        .unwrap_or_default();
+    let client_offered = hello.alpn().is_some_and(|mut p| p.next().is_some());
+    let offered = offered_to_backend(hello.alpn(), tls.alpn.as_deref());
+    if client_offered && offered.is_empty() {
+        // Nothing the gateway could forward: answer the client as an apiserver would
+        // (no_application_protocol) without spending a backend handshake on it.
+        errors.client_alpn.inc();
+        tracing::debug!(listener, client = %client_addr, "client offered no ALPN protocol the gateway forwards");
+        let _ = tokio::time::timeout(
+            tls.handshake_timeout,
+            start.into_stream(tls.server.refusing_alpn()),
+        )
+        .await;
+        return;
+    }
 
     let pool = &state.pool;
     let connected = tokio::select! {
         r = connect(pool, client_addr, listener, |backend, tcp| {
             backend_tls(pool, backend, tcp, &offered, &errors.backend_tls)
         }) => r,
-        () = state.drain.cancelled() => Err(None),
+        () = state.drain.cancelled() => Err(ConnectError::Draining),
     };
     let (backend_stream, guard) = match connected {
         Ok(c) => c,
         Err(e) => {
             // The client's handshake is left unfinished: dropping it closes the connection.
-            log_connect_failed(&state, client_addr, started, e.as_deref());
+            log_connect_failed(&state, client_addr, started, &e);
             return;
         }
     };
@@ -127,6 +130,31 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
     log_close(&state, client_addr, guard.backend(), started, &r);
 }
 
+/// The protocols the gateway knows how to relay, in its order of preference. Anything else a
+/// client names is never offered to a backend: a backend refusing a protocol the client
+/// made up must not look like a broken backend (round-2 hardening, item 1).
+const KNOWN_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// What to offer the backend: the client's protocols, in the client's order, that the gateway
+/// knows and `[listener.tls] alpn` (when set) allows.
+fn offered_to_backend<'a>(
+    client: Option<impl Iterator<Item = &'a [u8]>>,
+    allowed: Option<&[String]>,
+) -> Vec<Vec<u8>> {
+    let Some(client) = client else {
+        return Vec::new();
+    };
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for p in client {
+        let known = KNOWN_ALPN.contains(&p);
+        let allowed = allowed.is_none_or(|a| a.iter().any(|a| a.as_bytes() == p));
+        if known && allowed && !out.iter().any(|o| o == p) {
+            out.push(p.to_vec());
+        }
+    }
+    out
+}
+
 /// The backend half: a TLS handshake verified against `[pool.tls]`, offering `alpn`.
 async fn backend_tls(
     pool: &Pool,
@@ -134,9 +162,9 @@ async fn backend_tls(
     tcp: TcpStream,
     alpn: &[Vec<u8>],
     failures: &prometheus::IntCounter,
-) -> Result<tokio_rustls::client::TlsStream<ReadAhead>, String> {
+) -> Result<tokio_rustls::client::TlsStream<ReadAhead>, AttemptError> {
     let Some(pool_tls) = pool.cfg.tls.as_ref() else {
-        return Err("pool has no [pool.tls]".into());
+        return Err(AttemptError::Local("pool has no [pool.tls]".into()));
     };
     let mut config = (*pool_tls.client).clone();
     config.alpn_protocols = alpn.to_vec();
@@ -150,12 +178,27 @@ async fn backend_tls(
         Ok(s) => Ok(s),
         Err(e) => {
             failures.inc();
-            Err(format!(
-                "backend TLS: {}",
-                crate::health::tls_reason(&e, &name)
-            ))
+            let reason = format!("backend TLS: {}", crate::health::tls_reason(&e, &name));
+            Err(if refused_alpn(&e) {
+                // The list came from the client (filtered); another backend would answer
+                // the same, and this one did nothing wrong.
+                AttemptError::Client(reason)
+            } else {
+                AttemptError::Backend(reason)
+            })
         }
     }
+}
+
+/// Whether a backend handshake failed because the backend accepts none of the protocols
+/// offered.
+fn refused_alpn(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        ))
+    )
 }
 
 /// Whether a failed ClientHello read means the peer does not speak TLS at all.

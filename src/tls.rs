@@ -311,6 +311,9 @@ pub struct TerminateServer {
     none: Arc<rustls::ServerConfig>,
     h2: Arc<rustls::ServerConfig>,
     http11: Arc<rustls::ServerConfig>,
+    /// Offers only the protocols the gateway relays, so a client naming none of them gets
+    /// rustls's `no_application_protocol` alert.
+    known: Arc<rustls::ServerConfig>,
 }
 
 impl TerminateServer {
@@ -326,6 +329,11 @@ impl TerminateServer {
             none: build(None)?,
             h2: build(Some(b"h2"))?,
             http11: build(Some(b"http/1.1"))?,
+            known: {
+                let mut c = (*build(Some(b"h2"))?).clone();
+                c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                Arc::new(c)
+            },
             certs: certs.clone(),
             sessions: sessions.clone(),
         })
@@ -343,6 +351,12 @@ impl TerminateServer {
         config.alpn_protocols = alpn.map(<[u8]>::to_vec).into_iter().collect();
         config.session_storage = sessions.clone();
         Ok(Arc::new(config))
+    }
+
+    /// The configuration that refuses a client whose ALPN list names neither `h2` nor
+    /// `http/1.1`, with the alert RFC 7301 asks for.
+    pub fn refusing_alpn(&self) -> Arc<rustls::ServerConfig> {
+        self.known.clone()
     }
 
     /// The configuration answering ALPN with `alpn`.

@@ -310,6 +310,133 @@ async fn out_of_file_descriptors_backs_off_without_spinning_and_recovers() {
     );
 }
 
+/// Descriptors below `limit` that the process `pid` has open (it may also hold inherited
+/// ones above its limit, which take no slot).
+fn open_fds(pid: u32, limit: usize) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+        .filter(|fd| *fd < limit)
+        .count()
+}
+
+/// Round-2 hardening, item 1: a backend socket that cannot be made because the gateway is
+/// out of descriptors is the gateway's failure, not the backend's. With `fall = 1` and
+/// `when_all_down = "reject"`, charging it to the backend used to take the pool down.
+#[tokio::test]
+async fn out_of_descriptors_for_a_backend_socket_is_not_the_backends_fault() {
+    const LIMIT: usize = 48;
+    let echo = EchoServer::start().await;
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        simple_config(
+            &[echo.addr],
+            "connect_attempts = 1\nwhen_all_down = \"reject\"\n[pool.health]\ninterval = \"1h\"\nfall = 1",
+            "",
+        )
+    );
+    let (_dir, path) = write_temp("apilb.toml", &text);
+    let (mut child, addr, logs, _) = run_gateway(
+        &path,
+        &["prlimit", &format!("--nofile={LIMIT}:{LIMIT}"), "--"],
+    );
+    let pid = child.id();
+    let admin: SocketAddr = within(10, "admin address", async {
+        loop {
+            if let Ok(line) = logs.try_recv() {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v["message"] == "admin server listening" {
+                    break v["addr"].as_str().expect("addr").parse().expect("addr");
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    })
+    .await;
+    // The first health check runs at once; let its socket close before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each proxied connection takes two descriptors. With an odd number free, the last
+    // accept succeeds and its backend socket is the one that fails; an idle admin connection
+    // takes one descriptor to make the number odd.
+    let mut parity = None;
+    if (LIMIT - open_fds(pid, LIMIT)) % 2 == 0 {
+        let before = open_fds(pid, LIMIT);
+        parity = Some(TcpStream::connect(admin).await.expect("admin"));
+        eventually(5, "admin accepted", || open_fds(pid, LIMIT) > before).await;
+    }
+    let mut held = Vec::new();
+    let mut failed = false;
+    for _ in 0..LIMIT {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .expect("the kernel queues the connection");
+        s.write_all(b"x").await.expect("write");
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await {
+            Ok(Ok(1)) => held.push(s),
+            _ => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the descriptor limit was never reached");
+    held.clear();
+    drop(parity);
+    // The backend was not charged: it is still healthy, so the reject pool serves again.
+    within(15, "served after the shortage", async {
+        loop {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"y").await.expect("write");
+            let mut b = [0u8; 1];
+            if let Ok(Ok(1)) =
+                tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (_, _, metrics) = within(10, "metrics", admin_request(admin, "GET", "/metrics")).await;
+    assert!(
+        metric_value(
+            &metrics,
+            "apilb_listener_connect_errors_total",
+            &[("listener", "l"), ("cause", "local")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "apilb_backend_connect_errors_total",
+            &[("pool", "p"), ("backend", "b0")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "apilb_backend_healthy",
+            &[("pool", "p"), ("backend", "b0")]
+        ),
+        1.0
+    );
+    signal(pid, "TERM");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child, 40))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    let logs: Vec<String> = logs.try_iter().collect();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("connect_failed") && l.contains("gateway: Too many open files")),
+        "no access line blames the gateway: {logs:#?}"
+    );
+}
+
 /// Reads the demo's stdout until its last line of instructions.
 fn demo_instructions(child: &mut Child) -> Vec<String> {
     let stdout = child.stdout.take().expect("stdout");

@@ -547,3 +547,96 @@ async fn backend_sessions_resume_for_a_burst_of_connections() {
     );
     gw.shutdown().await;
 }
+
+/// Round-2 hardening, item 1: anyone who can reach the public listener could mark the whole
+/// pool down by offering a protocol no apiserver speaks, since each refused backend
+/// handshake counted as that backend's failure. Now the gateway never offers a protocol it
+/// does not know, refuses such a client itself, and the backends stay healthy.
+#[tokio::test]
+async fn bogus_alpn_from_clients_never_marks_backends_down() {
+    let e = env();
+    let servers = apiservers(&e.pki, 2, "127.0.0.1").await;
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
+    // fall = 1 and no periodic check: a single charged failure would flip a backend.
+    let gw = gateway(&terminate_config(
+        &e,
+        &addrs,
+        "when_all_down = \"reject\"\n[pool.health]\ninterval = \"1h\"\nfall = 1",
+        "",
+    ))
+    .await;
+    for b in ["b0", "b1"] {
+        let b = b.to_string();
+        eventually(10, "first check", || {
+            gw.handle().backend_status("p", &b).expect("b").state == apilb::health::State::Healthy
+        })
+        .await;
+    }
+    let mut refusals = Vec::new();
+    for offer in [&["bogus"][..], &["h3", "spdy/3.1"], &["BOGUS", "x"]] {
+        for _ in 0..3 {
+            let r = within(
+                10,
+                "bogus",
+                tls_to(gw.addr(), public_client(&e, None, offer), "localhost"),
+            )
+            .await;
+            let Err(e) = r else {
+                panic!("a client offering only {offer:?} was served");
+            };
+            refusals.push(e);
+        }
+    }
+    for b in ["b0", "b1"] {
+        let s = gw.handle().backend_status("p", b).expect("b");
+        assert_eq!(s.state, apilb::health::State::Healthy, "{b}: {}", s.reason);
+        assert_eq!(
+            gw.metric(
+                "apilb_backend_connect_errors_total",
+                &[("pool", "p"), ("backend", b)]
+            ),
+            0.0
+        );
+    }
+    for err in refusals {
+        assert!(
+            err.to_string().contains("NoApplicationProtocol"),
+            "refused without the RFC 7301 alert: {err}"
+        );
+    }
+    assert_eq!(
+        gw.metric(
+            "apilb_tls_handshake_errors_total",
+            &[("listener", "l"), ("reason", "client_alpn")]
+        ),
+        9.0
+    );
+    // A client that mixes a bogus protocol with a real one is served with the real one.
+    let mut s = within(
+        10,
+        "mixed offer",
+        tls_to(
+            gw.addr(),
+            public_client(&e, None, &["bogus", "http/1.1"]),
+            "localhost",
+        ),
+    )
+    .await
+    .expect("served");
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    s.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = [0u8; 12];
+    within(10, "answer", s.read_exact(&mut answer))
+        .await
+        .expect("answer");
+    assert_eq!(
+        &answer,
+        b"HTTP/1.1 200",
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(s);
+    gw.shutdown().await;
+}
