@@ -7,16 +7,26 @@ apilb's scaling from one worker thread to two.
 Layout on this 2-core machine: the proxy runs alone on CPU 0 with one worker thread; the load
 generators (iperf3, wrk, the idle-connection client) and the backends (iperf3 server, an nginx
 serving a 100-byte body) run on CPU 1. Every load is bounded in time; every process started
-here is ended here, by PID.
+here is ended here, by PID, also on failure and on SIGINT, SIGTERM or SIGHUP.
 
-    python3 benches/compare.py            # full run (a few minutes)
-    python3 benches/compare.py --quick    # smoke run (under a minute; figures not meaningful)
+Structure: LISTENERS is the one table of the listeners every proxy has and of the backend
+behind each; the backends, each proxy's config and the port allocation are all derived from
+it, so a new listener is one entry there (plus the load in `measure` that uses it). TARGETS
+lists what is measured (the no-proxy baseline and the proxies). Ports are free loopback ports
+the kernel hands out at start (see `Ports`). Measurements are numbers (METRICS names them and
+their units); the tables are rendered from that data at the end, and `--json FILE` writes it.
 
-Prints one markdown table: absolute figures, then each target's ratio to the no-proxy
-baseline and to HAProxy (mode tcp).
+    python3 benches/compare.py                    # full run (a few minutes)
+    python3 benches/compare.py --quick            # smoke run (about a minute; figures not meaningful)
+    python3 benches/compare.py --json out.json    # also write every run's figures and the ratios
+
+Prints markdown tables: absolute figures, then apilb's ratio to the no-proxy baseline and to
+each other proxy.
 """
 
 import argparse
+import atexit
+import hashlib
 import json
 import os
 import re
@@ -27,66 +37,167 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROXY_CPU = "0"
 LOAD_CPU = "1"
+BODY = "x" * 100  # the nginx backends' response
 
-PORTS = {
-    "iperf_backend": 25201,
-    "http_backend": 25202,
-    "idle_backend": 25203,
-    "tls_backend": 25204,
+
+# === Topology ===
+
+@dataclass(frozen=True)
+class Listener:
+    """A listener every proxy has, the backend behind it, and what is measured through it."""
+    name: str          # the listener's and its pool's name in every config; its key in the port maps
+    role: str          # what is measured through it
+    backend: str       # "iperf3": an iperf3 server of its own; "nginx": a server block in the backend nginx
+    tls: bool = False  # terminated at the proxy, which re-encrypts to a TLS backend and verifies it
+    nginx: str = ""    # more directives for its backend nginx server block; {tmp} is the run's directory
+
+
+LISTENERS = (
+    Listener("throughput", "iperf3 through the proxy, 1 and 8 streams (--measure tp)", "iperf3"),
+    Listener("http", "wrk against the 100-byte response, keep-alive and Connection: close (rps, cps)",
+             "nginx"),
+    Listener("idle", "idle proxied connections: RSS growth per connection (idle)", "nginx",
+             nginx="keepalive_timeout 3600s; client_header_timeout 3600s;"),
+    Listener("tls", "terminated at the proxy: full handshakes with wrk, one bulk download with curl (tls)",
+             "nginx", tls=True, nginx="location = /big { root {tmp}; }"),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The baseline (no proxy: the loads go to the backends) or one proxy with its options."""
+    key: str                  # --only's name; the key in the port map and in the JSON
+    label: str                # its row in the tables
+    proxy: str = None         # "apilb", "haproxy" or "nginx"; None for the baseline
+    options: dict = field(default_factory=dict)  # for the proxy's config writer
+    vs_label: str = None      # its row in the "apilb vs" tables (default: label)
+    tls_label: str = None     # its row in the TLS tables (default: label)
+    tls_vs_label: str = None  # its row in the TLS "apilb vs" table (default: tls_label)
+    tls_rows: bool = True     # False: the same TLS listener as another target (measured, not shown)
+
+    def __post_init__(self):
+        object.__setattr__(self, "vs_label", self.vs_label or self.label)
+        object.__setattr__(self, "tls_label", self.tls_label or self.label)
+        object.__setattr__(self, "tls_vs_label", self.tls_vs_label or self.tls_label)
+
+
+TARGETS = (
+    Target("baseline", "no proxy (the limit)", vs_label="no proxy",
+           tls_label="no proxy (nginx TLS direct)", tls_vs_label="no proxy"),
+    Target("apilb", "apilb", "apilb"),
+    Target("haproxy", "HAProxy mode tcp", "haproxy", tls_label="HAProxy `bind ssl`"),
+    Target("haproxy-splice", "HAProxy + splice", "haproxy", {"splice": True}, tls_rows=False),
+    Target("nginx", "nginx stream", "nginx", tls_label="nginx stream `ssl`"),
+)
+# apilb again for the scaling loads, on ports of its own: its first ports were left unbound
+# while the other proxies ran (see Ports).
+SCALING = Target("apilb-scaling", "apilb, unpinned", "apilb")
+
+# Every figure, in the unit its key names: (unit, which way is better, what).
+METRICS = {
+    "idle_kib_per_conn": ("KiB", "lower", "RSS growth of a freshly started proxy per idle proxied connection"),
+    "tp1_gbit_s": ("Gbit/s", "higher", "iperf3, 1 stream"),
+    "tp8_gbit_s": ("Gbit/s", "higher", "iperf3, 8 streams"),
+    "rps_req_s": ("req/s", "higher", "wrk -t2 -c64, keep-alive"),
+    "rps_p99_ms": ("ms", "lower", "p99 latency of the keep-alive load"),
+    "cps_conn_s": ("conn/s", "higher", "wrk -t2 -c64 with Connection: close"),
+    "tls_hs_s": ("handshakes/s", "higher", "wrk over https with Connection: close: full TLS handshakes"),
+    "tls_bulk_gbit_s": ("Gbit/s", "higher", "one curl download of the backend's large file over TLS"),
+    "cpu_tp1_ms_per_gb": ("ms/GB", "lower", "proxy CPU (user + system) per GB, 1 iperf3 stream"),
+    "cpu_rps_us_per_req": ("us/request", "lower", "proxy CPU per keep-alive request"),
+    "cpu_cps_us_per_conn": ("us/connection", "lower", "proxy CPU per new connection"),
+    "cpu_tls_hs_us_per_hs": ("us/handshake", "lower", "proxy CPU per full TLS handshake"),
+    "cpu_tls_bulk_ms_per_gb": ("ms/GB", "lower", "proxy CPU per GB of the TLS download"),
 }
-# Each proxy listens on four ports: throughput (to iperf3), http (to nginx), idle, and TLS
-# terminated at the proxy (to nginx over TLS).
-PROXY_PORTS = {
-    "apilb": (25211, 25212, 25213, 25214),
-    "haproxy": (25221, 25222, 25223, 25224),
-    "haproxy-splice": (25231, 25232, 25233, 25234),
-    "nginx": (25241, 25242, 25243, 25244),
-}
+SCALING_METRICS = ("tp8_gbit_s", "rps_req_s", "cps_conn_s", "tls_hs_s")
+LOADS = ("idle", "tp", "rps", "cps", "tls", "scaling")  # --measure's names
+
+
+# === Processes ===
 
 started = []  # processes this script started, ended by PID at exit
 
 
-def start(cmd, cpu, **kw):
-    p = subprocess.Popen(["taskset", "-c", cpu] + cmd, stdout=kw.pop("stdout", subprocess.DEVNULL),
-                         stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
+def start(cmd, cpu, name, tmp):
+    """Starts `cmd` pinned to `cpu`, its output appended to {tmp}/{name}.log."""
+    log = os.path.join(tmp, f"{name}.log")
+    with open(log, "ab") as out:
+        p = subprocess.Popen(["taskset", "-c", cpu] + cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    p.name, p.log = name, log
     started.append(p)
     return p
 
 
 def stop(p):
-    """Ends one proxy this script started, by PID: SIGTERM, then SIGKILL after 15 s."""
+    """Ends one process this script started, by PID: SIGTERM, then SIGKILL after 15 s."""
     p.send_signal(signal.SIGTERM)
     try:
         p.wait(timeout=15)
     except subprocess.TimeoutExpired:
         p.kill()
+        p.wait(timeout=5)
 
 
 def stop_all():
-    for p in started:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.time() + 10
-    for p in started:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
+    """Ends every process this script started that still runs: SIGTERM, then SIGKILL for any
+    still running 10 s later. Bounded, so signals are ignored meanwhile (a second Ctrl-C
+    cannot cut it short and leave processes behind)."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    try:
+        for p in started:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 10
+        for p in started:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+    finally:
+        for s, h in old.items():
+            if h is not None:
+                signal.signal(s, h)
 
 
-def wait_port(port, timeout=20):
+def on_signal(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks, which end what was started
+
+
+def log_tail(p, chars=2000):
+    try:
+        with open(p.log, "rb") as f:
+            f.seek(max(0, os.path.getsize(p.log) - chars))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def wait_ports(p, ports, timeout=20):
+    """Waits until `p` accepts connections on every port; fails early if it exits."""
     end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
+    for port in ports:
+        while True:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with status {p.returncode} before listening on "
+                                   f"127.0.0.1:{port}; its log:\n{log_tail(p)}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.time() > end:
+                    raise RuntimeError(f"{p.name}: nothing listens on 127.0.0.1:{port} after {timeout} s; "
+                                       f"its log:\n{log_tail(p)}") from None
+                time.sleep(0.05)
 
 
 def rss_kib(pid):
@@ -97,13 +208,50 @@ def rss_kib(pid):
     return 0
 
 
+# === Ports ===
+
+class Ports:
+    """Free loopback ports, one per listener for each group (the backends, each proxy), all
+    allocated up front: the kernel picks each (bind 127.0.0.1:0), and each stays bound, never
+    listening, until `take` releases its group just before the process that listens on it
+    starts. While held, a port cannot be taken by a stray service, nor by the kernel as the
+    source port of one of this run's own many outgoing connections, which come from the same
+    ephemeral range: one such connection closed from its client side leaves a TIME_WAIT socket
+    on the port that makes a later listen on it fail with EADDRINUSE, SO_REUSEADDR or not."""
+
+    def __init__(self, groups):
+        self._held = {}
+        self.map = {g: {l.name: self._reserve() for l in LISTENERS} for g in groups}
+
+    def _reserve(self):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        self._held[port] = s
+        return port
+
+    def take(self, group):
+        """The group's ports (listener name -> port), released for the process about to
+        listen on them (a proxy's later restarts reuse them)."""
+        for port in self.map[group].values():
+            s = self._held.pop(port, None)
+            if s:
+                s.close()
+        return self.map[group]
+
+    def close(self):
+        for s in self._held.values():
+            s.close()
+        self._held.clear()
+
+
 # === Certificates ===
 
 def make_pki(tmp):
     """A CA and an ECDSA P-256 server certificate for localhost/127.0.0.1, made with openssl:
     every TLS side (nginx backend, and each proxy's terminating listener) uses the same pair."""
     def ossl(*a):
-        subprocess.run(["openssl", *a], check=True, capture_output=True)
+        subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=60)
     k = {n: os.path.join(tmp, n) for n in ("ca.pem", "ca.key", "server.pem", "server.key", "server.csr", "ext.cnf", "combined.pem")}
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     ossl("req", "-x509", *ec, "-keyout", k["ca.key"], "-out", k["ca.pem"], "-days", "2", "-subj", "/CN=apilb bench CA",
@@ -119,89 +267,63 @@ def make_pki(tmp):
     return k
 
 
-# === Backends ===
+# === Configs (each derived from LISTENERS) ===
 
-def start_nginx_with(tmp, name, cpu, connections, body, preamble=""):
+def nginx_config(tmp, name, connections, body, preamble=""):
     """One nginx with one worker, in the foreground, its files in `tmp` under `name`."""
-    conf = os.path.join(tmp, f"{name}.conf")
-    with open(conf, "w") as f:
-        f.write(f"""{preamble}
+    return f"""{preamble}
 worker_processes 1;
 pid {tmp}/{name}.pid;
-error_log {tmp}/{name}.err;
+error_log {tmp}/{name}.log;
 daemon off;
 worker_rlimit_nofile 20000;
 events {{ worker_connections {connections}; }}
-{body}""")
-    return start(["nginx", "-c", conf, "-e", f"{tmp}/{name}.err"], cpu)
+{body}"""
 
 
-def start_backends(tmp, pki, big_mib):
-    start(["iperf3", "-s", "-p", str(PORTS["iperf_backend"])], LOAD_CPU)
-    body = "x" * 100
-    # The bulk TLS download: a sparse file, so the backend's disk is not what is measured.
-    with open(os.path.join(tmp, "big"), "wb") as f:
-        f.truncate(big_mib << 20)
-    # nginx's workers drop root: they must be able to reach the file.
-    os.chmod(tmp, 0o755)
-    os.chmod(os.path.join(tmp, "big"), 0o644)
-    start_nginx_with(tmp, "backend-nginx", LOAD_CPU, 16000, f"""
+def backend_nginx_config(args, backend):
+    pki, servers = args.pki, []
+    for l in LISTENERS:
+        if l.backend != "nginx":
+            continue
+        tls = (f"\n    ssl_certificate {pki['server.pem']};\n    ssl_certificate_key {pki['server.key']};"
+               f"\n    ssl_protocols TLSv1.2 TLSv1.3;") if l.tls else ""
+        extra = f"\n    {l.nginx.replace('{tmp}', args.tmp)}" if l.nginx else ""
+        servers.append(f"""
+  server {{
+    listen 127.0.0.1:{backend[l.name]}{' ssl' if l.tls else ''} backlog=4096;{tls}{extra}
+    location / {{ return 200 "{BODY}"; }}
+  }}""")
+    return nginx_config(args.tmp, "backend-nginx", 16000, f"""
 http {{
   access_log off;
-  keepalive_requests 1000000;
-  server {{
-    listen 127.0.0.1:{PORTS['http_backend']} backlog=4096;
-    location / {{ return 200 "{body}"; }}
-  }}
-  server {{
-    listen 127.0.0.1:{PORTS['idle_backend']} backlog=4096;
-    keepalive_timeout 3600s;
-    client_header_timeout 3600s;
-    location / {{ return 200 "{body}"; }}
-  }}
-  server {{
-    listen 127.0.0.1:{PORTS['tls_backend']} ssl backlog=4096;
-    ssl_certificate {pki['server.pem']};
-    ssl_certificate_key {pki['server.key']};
-    ssl_protocols TLSv1.2 TLSv1.3;
-    location / {{ return 200 "{body}"; }}
-    location = /big {{ root {tmp}; }}
-  }}
+  keepalive_requests 1000000;{''.join(servers)}
 }}
 """)
-    for k in PORTS:
-        wait_port(PORTS[k])
 
 
-# === Proxies ===
-
-def start_apilb(tmp, binary, pki, threads=1, cpu=None):
-    t, h, i, x = PROXY_PORTS["apilb"]
-    conf = os.path.join(tmp, "apilb.toml")
-    with open(conf, "w") as f:
-        for name, port in (("iperf", PORTS["iperf_backend"]), ("http", PORTS["http_backend"]),
-                           ("idle", PORTS["idle_backend"]), ("tls", PORTS["tls_backend"])):
-            f.write(f'[[pool]]\nname = "{name}"\n[pool.health]\ninterval = "10s"\n')
-            if name == "tls":
-                f.write(f'[pool.tls]\nca = "{pki["ca.pem"]}"\nserver_name = "localhost"\n')
-            f.write(f'[[pool.backend]]\naddress = "127.0.0.1:{port}"\n')
-        for name, port in (("iperf", t), ("http", h), ("idle", i), ("tls", x)):
-            f.write(f'[[listener]]\nname = "{name}"\nlisten = "127.0.0.1:{port}"\npool = "{name}"\n')
-            if name == "tls":
-                f.write(f'mode = "terminate"\n[listener.tls]\ncert = "{pki["server.pem"]}"\nkey = "{pki["server.key"]}"\n')
-    p = start([binary, "run", "--threads", str(threads), "--log-level", "warn", "--config", conf],
-              PROXY_CPU if cpu is None else cpu)
-    for port in (t, h, i, x):
-        wait_port(port)
-    return p
+def apilb_config(args, listen, backend):
+    pki, out = args.pki, []
+    for l in LISTENERS:
+        out.append(f'[[pool]]\nname = "{l.name}"\n[pool.health]\ninterval = "10s"\n')
+        if l.tls:
+            out.append(f'[pool.tls]\nca = "{pki["ca.pem"]}"\nserver_name = "localhost"\n')
+        out.append(f'[[pool.backend]]\naddress = "127.0.0.1:{backend[l.name]}"\n')
+    for l in LISTENERS:
+        out.append(f'[[listener]]\nname = "{l.name}"\nlisten = "127.0.0.1:{listen[l.name]}"\npool = "{l.name}"\n')
+        if l.tls:
+            out.append(f'mode = "terminate"\n[listener.tls]\ncert = "{pki["server.pem"]}"\nkey = "{pki["server.key"]}"\n')
+    return "".join(out)
 
 
-def start_haproxy(tmp, pki, splice):
-    name = "haproxy-splice" if splice else "haproxy"
-    t, h, i, x = PROXY_PORTS[name]
-    conf = os.path.join(tmp, f"{name}.cfg")
-    with open(conf, "w") as f:
-        f.write(f"""
+def haproxy_config(args, listen, backend, splice=False):
+    pki, sections = args.pki, []
+    for l in LISTENERS:
+        bind = f" ssl crt {pki['combined.pem']}" if l.tls else ""
+        server = f" ssl verify required ca-file {pki['ca.pem']} sni str(localhost)" if l.tls else ""
+        sections.append(f"listen {l.name}\n  bind 127.0.0.1:{listen[l.name]}{bind}\n"
+                        f"  server b 127.0.0.1:{backend[l.name]}{server}\n")
+    return f"""
 global
   nbthread 1
   # Two descriptors per connection (and two per pipe with splice) within this machine's
@@ -214,41 +336,22 @@ defaults
   timeout client 1h
   timeout server 1h
   {"option splice-auto" if splice else ""}
-listen iperf
-  bind 127.0.0.1:{t}
-  server b 127.0.0.1:{PORTS['iperf_backend']}
-listen http
-  bind 127.0.0.1:{h}
-  server b 127.0.0.1:{PORTS['http_backend']}
-listen idle
-  bind 127.0.0.1:{i}
-  server b 127.0.0.1:{PORTS['idle_backend']}
-listen tls
-  bind 127.0.0.1:{x} ssl crt {pki['combined.pem']}
-  server b 127.0.0.1:{PORTS['tls_backend']} ssl verify required ca-file {pki['ca.pem']} sni str(localhost)
-""")
-    p = start(["haproxy", "-db", "-f", conf], PROXY_CPU)
-    for port in (t, h, i, x):
-        wait_port(port)
-    return p
+{''.join(sections)}"""
 
 
-def start_nginx(tmp, pki):
-    t, h, i, x = PROXY_PORTS["nginx"]
-    mod = "/usr/lib/nginx/modules/ngx_stream_module.so"
-    load = f"load_module {mod};" if os.path.exists(mod) else ""
-    p = start_nginx_with(tmp, "proxy-nginx", PROXY_CPU, 19500, f"""
-stream {{
-  proxy_timeout 1h;
-  server {{ listen 127.0.0.1:{t} backlog=4096; proxy_pass 127.0.0.1:{PORTS['iperf_backend']}; }}
-  server {{ listen 127.0.0.1:{h} backlog=4096; proxy_pass 127.0.0.1:{PORTS['http_backend']}; }}
-  server {{ listen 127.0.0.1:{i} backlog=4096; proxy_pass 127.0.0.1:{PORTS['idle_backend']}; }}
-  server {{
-    listen 127.0.0.1:{x} ssl backlog=4096;
+def nginx_stream_config(args, listen, backend, name="proxy-nginx"):
+    pki, servers = args.pki, []
+    for l in LISTENERS:
+        if not l.tls:
+            servers.append(f"  server {{ listen 127.0.0.1:{listen[l.name]} backlog=4096; "
+                           f"proxy_pass 127.0.0.1:{backend[l.name]}; }}\n")
+            continue
+        servers.append(f"""  server {{
+    listen 127.0.0.1:{listen[l.name]} ssl backlog=4096;
     ssl_certificate {pki['server.pem']};
     ssl_certificate_key {pki['server.key']};
     ssl_protocols TLSv1.2 TLSv1.3;
-    proxy_pass 127.0.0.1:{PORTS['tls_backend']};
+    proxy_pass 127.0.0.1:{backend[l.name]};
     proxy_ssl on;
     proxy_ssl_verify on;
     proxy_ssl_trusted_certificate {pki['ca.pem']};
@@ -257,33 +360,100 @@ stream {{
     proxy_ssl_session_reuse on;
     proxy_ssl_protocols TLSv1.2 TLSv1.3;
   }}
-}}
+""")
+    mod = "/usr/lib/nginx/modules/ngx_stream_module.so"
+    load = f"load_module {mod};" if os.path.exists(mod) else ""
+    return nginx_config(args.tmp, name, 19500, f"""
+stream {{
+  proxy_timeout 1h;
+{''.join(servers)}}}
 """, preamble=load)
-    for port in (t, h, i, x):
-        wait_port(port)
+
+
+def write(tmp, name, text):
+    path = os.path.join(tmp, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+# === Backends and proxies ===
+
+def start_backends(args, backend, big_mib):
+    tmp = args.tmp
+    # The bulk TLS download: a sparse file, so the backend's disk is not what is measured.
+    with open(os.path.join(tmp, "big"), "wb") as f:
+        f.truncate(big_mib << 20)
+    # nginx's workers drop root: they must be able to reach the file.
+    os.chmod(tmp, 0o755)
+    os.chmod(os.path.join(tmp, "big"), 0o644)
+    waits = []
+    for l in LISTENERS:
+        if l.backend == "iperf3":
+            p = start(["iperf3", "-s", "-p", str(backend[l.name])], LOAD_CPU, f"backend-iperf3-{l.name}", tmp)
+            waits.append((p, [backend[l.name]]))
+        elif l.backend != "nginx":
+            raise ValueError(f"listener {l.name}: unknown backend {l.backend!r}")
+    nginx_ports = [backend[l.name] for l in LISTENERS if l.backend == "nginx"]
+    if nginx_ports:
+        conf = write(tmp, "backend-nginx.conf", backend_nginx_config(args, backend))
+        p = start(["nginx", "-c", conf, "-e", f"{tmp}/backend-nginx.log"], LOAD_CPU, "backend-nginx", tmp)
+        waits.append((p, nginx_ports))
+    for p, ports in waits:
+        wait_ports(p, ports)
+
+
+def start_proxy(args, target, listen, backend, threads=1, cpu=PROXY_CPU):
+    """Starts one proxy on `listen` (listener name -> port) in front of `backend`, and waits
+    until every listener accepts connections."""
+    tmp, name = args.tmp, target.key
+    if target.proxy == "apilb":
+        conf = write(tmp, f"{name}.toml", apilb_config(args, listen, backend, **target.options))
+        cmd = [args.binary, "run", "--threads", str(threads), "--log-level", "warn", "--config", conf]
+    elif target.proxy == "haproxy":
+        conf = write(tmp, f"{name}.cfg", haproxy_config(args, listen, backend, **target.options))
+        cmd = ["haproxy", "-db", "-f", conf]
+    elif target.proxy == "nginx":
+        conf = write(tmp, f"{name}.conf", nginx_stream_config(args, listen, backend, name, **target.options))
+        cmd = ["nginx", "-c", conf, "-e", f"{tmp}/{name}.log"]
+    else:
+        raise ValueError(f"target {name}: unknown proxy {target.proxy!r}")
+    p = start(cmd, cpu, name, tmp)
+    wait_ports(p, [listen[l.name] for l in LISTENERS])
     return p
 
 
 # === Loads ===
 
 def iperf(port, streams, secs, cpu=LOAD_CPU):
+    """iperf3 to `port` for `secs` s: Gbit/s received."""
     out = subprocess.run(["taskset", "-c", cpu, "iperf3", "-c", "127.0.0.1", "-p", str(port),
                           "-t", str(secs), "-P", str(streams), "-J"],
                          capture_output=True, text=True, timeout=secs + 30)
-    data = json.loads(out.stdout)
+    try:
+        data = json.loads(out.stdout)
+    except ValueError:
+        raise RuntimeError(f"iperf3 through port {port}: no result (status {out.returncode}): "
+                           f"{out.stderr.strip()[-500:]}") from None
+    if "error" in data:
+        raise RuntimeError(f"iperf3 through port {port}: {data['error']}")
     return data["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
 def wrk(port, secs, close, scheme="http", cpu=LOAD_CPU):
+    """wrk -t2 -c64 against `port` for `secs` s: (requests/s, p99 ms)."""
     cmd = ["taskset", "-c", cpu, "wrk", "-t2", "-c64", f"-d{secs}s", "--latency"]
     if close:
         cmd += ["-H", "Connection: close"]
     cmd.append(f"{scheme}://127.0.0.1:{port}/")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    p99 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
-    return rps, p99
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+    if not rps:
+        raise RuntimeError(f"wrk against {scheme}://127.0.0.1:{port}/: no result (status {out.returncode}): "
+                           f"{(out.stdout + out.stderr).strip()[-500:]}")
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out.stdout)
+    p99 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else None
+    return float(rps.group(1)), p99
 
 
 def tls_download(port):
@@ -312,7 +482,8 @@ def idle_memory(pid, port, count):
         probe = socks[-1]
         probe.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         probe.settimeout(5)
-        assert b"200" in probe.recv(4096)
+        if b"200" not in probe.recv(4096):
+            raise RuntimeError(f"idle connections through port {port}: the probe request got no 200")
         time.sleep(1.0)
         after = rss_kib(pid)
     finally:
@@ -338,199 +509,292 @@ def cpu_seconds(pid):
     return total
 
 
-def measure(name, ports, pid, args):
-    t, h, i, x = ports
-    r = dict.fromkeys(("idle", "tp1", "tp8", "rps", "p99", "cps", "hs", "tlsbulk",
-                       "cpu_tp1", "cpu_rps", "cpu_cps", "cpu_hs", "cpu_tlsbulk"))
-    want = set(args.measure.split(","))
+def show(r):
+    return {k: round(v, 4) for k, v in r.items() if v is not None}
 
-    def timed(key, fn, per_unit):
-        """Runs one load; with a proxy, also records its CPU time per unit of work."""
-        c0, t0 = (cpu_seconds(pid), time.time()) if pid else (0, 0)
-        out = fn()
+
+def measure(label, ports, pid, args):
+    """One run of the chosen loads through `ports` (listener name -> port): METRICS key ->
+    number, None where not measured. `pid` is the proxy's (None for the baseline)."""
+    r = dict.fromkeys(METRICS)
+    want = args.want
+
+    def timed(fn, rate, cpu_key, scale):
+        """Runs one load; with a proxy, also records its CPU time per unit of work into
+        `cpu_key`: `rate` gives the load's units of work per second from its result, `scale`
+        converts seconds per unit to the key's unit."""
         if pid:
-            value = out[0] if isinstance(out, tuple) else out
-            if value:
-                r["cpu_" + key] = (cpu_seconds(pid) - c0) / (per_unit(value) * (time.time() - t0))
+            c0, t0 = cpu_seconds(pid), time.time()
+        out = fn()
+        if pid and rate(out):
+            r[cpu_key] = (cpu_seconds(pid) - c0) / (rate(out) * (time.time() - t0)) * scale
         return out
 
-    gb = lambda gbps: gbps / 8  # noqa: E731 (GB per second from Gbit/s)
+    gbytes = lambda gbit_s: gbit_s / 8  # noqa: E731 (GB per second from Gbit/s)
+    first = lambda out: out[0]  # noqa: E731 (requests per second from wrk's result)
     # Idle memory first, on a proxy that has not yet grown its pools under load: RSS growth
     # is only meaningful from a cold start (later runs reuse memory the load left behind).
     if pid and "idle" in want:
-        r["idle"] = idle_memory(pid, i, args.idle)
+        r["idle_kib_per_conn"] = idle_memory(pid, ports["idle"], args.idle)
     if "tp" in want:
-        r["tp1"] = timed("tp1", lambda: iperf(t, 1, args.secs), gb)
-        r["tp8"] = iperf(t, 8, args.secs)
+        r["tp1_gbit_s"] = timed(lambda: iperf(ports["throughput"], 1, args.secs), gbytes, "cpu_tp1_ms_per_gb", 1e3)
+        r["tp8_gbit_s"] = iperf(ports["throughput"], 8, args.secs)
     if "rps" in want:
-        r["rps"], r["p99"] = timed("rps", lambda: wrk(h, args.secs, close=False), lambda v: v)
+        r["rps_req_s"], r["rps_p99_ms"] = timed(lambda: wrk(ports["http"], args.secs, close=False),
+                                                first, "cpu_rps_us_per_req", 1e6)
     if "cps" in want:
-        r["cps"], _ = timed("cps", lambda: wrk(h, args.secs, close=True), lambda v: v)
+        r["cps_conn_s"], _ = timed(lambda: wrk(ports["http"], args.secs, close=True),
+                                   first, "cpu_cps_us_per_conn", 1e6)
     if "tls" in want:
         # A full handshake per connection: wrk does not resume TLS sessions.
-        r["hs"], _ = timed("hs", lambda: wrk(x, args.secs, close=True, scheme="https"), lambda v: v)
-        r["tlsbulk"] = timed("tlsbulk", lambda: tls_download(x), gb)
-    print(f"  {name}: {r}", file=sys.stderr, flush=True)
+        r["tls_hs_s"], _ = timed(lambda: wrk(ports["tls"], args.secs, close=True, scheme="https"),
+                                 first, "cpu_tls_hs_us_per_hs", 1e6)
+        r["tls_bulk_gbit_s"] = timed(lambda: tls_download(ports["tls"]), gbytes, "cpu_tls_bulk_ms_per_gb", 1e3)
+    print(f"  {label}: {show(r)}", file=sys.stderr, flush=True)
     return r
 
 
 def median_runs(fn, runs):
+    """`runs` runs of `fn`: {"runs": each run's figures, "median": each figure's median}."""
     results = [fn() for _ in range(runs)]
-    out = {}
+    median = {}
     for k in results[0]:
         vals = sorted(v[k] for v in results if v[k] is not None)
-        out[k] = vals[len(vals) // 2] if vals else None
-    return out
+        median[k] = vals[len(vals) // 2] if vals else None
+    return {"runs": results, "median": median}
 
 
-def measure_scaling(args):
+def measure_scaling(args, listen, backend):
     """apilb with 1 and then 2 worker threads, nothing pinned (the proxy, the loads and the
     backends share both cores): does the work spread over threads?"""
     out = {}
     for threads in (1, 2):
-        p = start_apilb(args.tmp, args.binary, args.pki, threads=threads, cpu="0,1")
-        t, h, _, x = PROXY_PORTS["apilb"]
+        p = start_proxy(args, SCALING, listen, backend, threads=threads, cpu="0,1")
         try:
             out[threads] = {
-                "tp8": iperf(t, 8, args.secs, cpu="0,1"),
-                "rps": wrk(h, args.secs, close=False, cpu="0,1")[0],
-                "cps": wrk(h, args.secs, close=True, cpu="0,1")[0],
-                "hs": wrk(x, args.secs, close=True, scheme="https", cpu="0,1")[0],
+                "tp8_gbit_s": iperf(listen["throughput"], 8, args.secs, cpu="0,1"),
+                "rps_req_s": wrk(listen["http"], args.secs, close=False, cpu="0,1")[0],
+                "cps_conn_s": wrk(listen["http"], args.secs, close=True, cpu="0,1")[0],
+                "tls_hs_s": wrk(listen["tls"], args.secs, close=True, scheme="https", cpu="0,1")[0],
             }
-            print(f"  apilb --threads {threads}, unpinned: {out[threads]}", file=sys.stderr, flush=True)
+            print(f"  apilb --threads {threads}, unpinned: {show(out[threads])}", file=sys.stderr, flush=True)
         finally:
             stop(p)
     return out
 
 
+# === Results ===
+
+def ratio(a, o, key):
+    """a's figure over o's, None when either is missing or zero."""
+    x, y = a.get(key), o.get(key)
+    return x / y if x and y else None
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def collect(results, scaling, args, ports):
+    """Everything measured, as data: what the tables are rendered from and --json writes."""
+    targets = {t.key: t for t in TARGETS}
+    data = {
+        "settings": {
+            "quick": args.quick, "runs": args.runs, "secs": args.secs, "idle_connections": args.idle,
+            "measure": sorted(args.want), "only": args.only, "proxy_cpu": PROXY_CPU, "load_cpu": LOAD_CPU,
+            "binary": os.path.abspath(args.binary), "binary_sha256": args.binary_sha256,
+        },
+        "metrics": {k: {"unit": u, "better": b, "what": w} for k, (u, b, w) in METRICS.items()},
+        "listeners": [{"name": l.name, "role": l.role, "backend": l.backend, "tls_terminated": l.tls}
+                      for l in LISTENERS],
+        "ports": ports.map,
+        "targets": {k: {"label": targets[k].label, "median": r["median"], "runs": r["runs"]}
+                    for k, r in results.items()},
+        "ratios": {},
+        "scaling": None,
+    }
+    a = results.get("apilb")
+    if a:
+        data["ratios"]["apilb_vs"] = {k: {m: ratio(a["median"], r["median"], m) for m in METRICS}
+                                      for k, r in results.items() if k != "apilb"}
+    if scaling:
+        data["scaling"] = {"threads": {str(n): r for n, r in scaling.items()},
+                           "ratio_2_vs_1": {m: ratio(scaling[2], scaling[1], m) for m in SCALING_METRICS}}
+    return data
+
+
+# The tables' columns: (METRICS key, header in the figures table, header in the ratio table, decimals).
+PASSTHROUGH_COLUMNS = (
+    ("tp1_gbit_s", "1-stream Gbit/s", "1-stream", 1),
+    ("tp8_gbit_s", "8-stream Gbit/s", "8-stream", 1),
+    ("rps_req_s", "keep-alive req/s", "keep-alive req/s", 0),
+    ("rps_p99_ms", "p99 ms", "p99 (lower is better)", 2),
+    ("cps_conn_s", "new conn/s", "new conn/s", 0),
+    ("idle_kib_per_conn", "KiB per idle conn", "idle KiB (lower is better)", 1),
+)
+TLS_COLUMNS = (
+    ("tls_hs_s", "full TLS handshakes/s", "handshakes/s", 0),
+    ("tls_bulk_gbit_s", "TLS bulk Gbit/s", "TLS bulk", 1),
+)
+CPU_COLUMNS = (
+    ("cpu_tp1_ms_per_gb", "ms per GB (1 stream)", "per GB", 0),
+    ("cpu_rps_us_per_req", "us per keep-alive request", "per request", 1),
+    ("cpu_cps_us_per_conn", "us per new connection", "per new connection", 1),
+    ("cpu_tls_hs_us_per_hs", "us per TLS handshake", "per TLS handshake", 0),
+    ("cpu_tls_bulk_ms_per_gb", "ms per GB TLS bulk", "per GB TLS", 0),
+)
+SCALING_COLUMNS = (
+    ("tp8_gbit_s", "8-stream Gbit/s", None, 1),
+    ("rps_req_s", "keep-alive req/s", None, 0),
+    ("cps_conn_s", "new conn/s", None, 0),
+    ("tls_hs_s", "full TLS handshakes/s", None, 0),
+)
+
+
+def fmt(v, d=1):
+    return "-" if v is None else f"{v:,.{d}f}"
+
+
+def fmt_ratio(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def table(head, rows):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def figures(first, columns, rows):
+    """A figures table: `rows` are (label, figures)."""
+    return table([first] + [c[1] for c in columns],
+                 [[label] + [fmt(r.get(c[0]), c[3]) for c in columns] for label, r in rows])
+
+
+def ratios(first, columns, rows):
+    """A ratio table: `rows` are (label, ratios)."""
+    return table([first] + [c[2] for c in columns],
+                 [[label] + [fmt_ratio(r.get(c[0])) for c in columns] for label, r in rows])
+
+
+def render(data):
+    """The markdown report, from `collect`'s data alone."""
+    s = data["settings"]
+    targets = [(t, data["targets"][t.key]["median"]) for t in TARGETS if t.key in data["targets"]]
+    vs = data["ratios"].get("apilb_vs", {})
+    # apilb's ratio tables: against the baseline and every other proxy measured, when there is one.
+    others = [(t, vs[t.key]) for t, _ in targets if t.key in vs]
+    show_vs = "apilb" in data["targets"] and len(others) > 1
+    out = [f"\n{'Quick smoke run: figures are not meaningful.' if s['quick'] else ''}",
+           f"Loopback, proxy alone on CPU {s['proxy_cpu']} with one worker, load and backends on CPU {s['load_cpu']}; "
+           f"median of {s['runs']} run(s) of {s['secs']}s; idle memory over {s['idle_connections']} connections.\n",
+           "Passthrough (HAProxy and nginx in plain TCP mode):\n"]
+    out += figures("target", PASSTHROUGH_COLUMNS, [(t.label, r) for t, r in targets])
+    if show_vs:
+        out += [""] + ratios("apilb vs", PASSTHROUGH_COLUMNS, [(t.vs_label, r) for t, r in others])
+
+    if any(r.get("tls_hs_s") for _, r in targets):
+        out += ["\nTerminating TLS (ECDSA P-256 certificate; the proxy re-encrypts to an nginx TLS backend, "
+                "verifying it): full handshakes/s is wrk with `Connection: close` (no session resumption), "
+                "bulk is one curl download of the backend's large file.\n"]
+        out += figures("target", TLS_COLUMNS, [(t.tls_label, r) for t, r in targets if t.tls_rows])
+        if show_vs:
+            out += [""] + ratios("apilb vs", TLS_COLUMNS, [(t.tls_vs_label, r) for t, r in others if t.tls_rows])
+
+    if any(r.get("cpu_cps_us_per_conn") or r.get("cpu_tls_hs_us_per_hs") for _, r in targets):
+        out += ["\nProxy CPU per unit of work (user + system, including the kernel's loopback TCP work done "
+                "in the proxy's system calls; lower is better). On this machine the load generators and "
+                "backends often saturate their core first, so these show the proxies' headroom where the "
+                "rates above cannot.\n"]
+        out += figures("target", CPU_COLUMNS, [(t.label, r) for t, r in targets if t.proxy])
+        if show_vs:
+            out += [""] + ratios("apilb's CPU vs", CPU_COLUMNS, [(t.vs_label, r) for t, r in others if t.proxy])
+
+    sc = data["scaling"]
+    if sc:
+        out += [f"\nScaling: apilb `--threads 1` and `--threads 2`, nothing pinned (proxy, loads and backends "
+                f"share the 2 cores); one run of {s['secs']}s each.\n"]
+        rows = figures("apilb worker threads", SCALING_COLUMNS, [(n, sc["threads"][n]) for n in ("1", "2")])
+        rows.append("| 2 vs 1 | " + " | ".join(fmt_ratio(sc["ratio_2_vs_1"].get(c[0])) for c in SCALING_COLUMNS) + " |")
+        out += rows
+    return "\n".join(out)
+
+
+# === Main ===
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: short loads, few idle connections")
     ap.add_argument("--runs", type=int, default=3, help="runs per target; the median is reported")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/apilb"))
-    ap.add_argument("--only", help="measure only this proxy (apilb, haproxy, haproxy-splice, nginx) and the baseline")
+    ap.add_argument("--only", choices=[t.key for t in TARGETS if t.proxy],
+                    help="measure only this proxy and the baseline")
     ap.add_argument("--idle", type=int, help="idle connections for the memory figure (default 9500; --quick: 500)")
-    ap.add_argument("--measure", default="idle,tp,rps,cps,tls,scaling",
+    ap.add_argument("--measure", default=",".join(LOADS),
                     help="comma-separated subset of: idle, tp (iperf3), rps (keep-alive), cps (new connections), "
                          "tls (terminating listener: handshakes and bulk), scaling (apilb, 1 vs 2 threads)")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures of every run, the medians and the ratios "
+                                                   "to FILE as JSON")
     args = ap.parse_args()
     args.secs = 1 if args.quick else 5
     args.idle = args.idle or (500 if args.quick else 9500)
     if args.quick:
         args.runs = 1
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    args.want = set(filter(None, args.measure.split(",")))
+    if args.want - set(LOADS):
+        ap.error(f"--measure: unknown {', '.join(sorted(args.want - set(LOADS)))} (known: {', '.join(LOADS)})")
     for tool in ("haproxy", "nginx", "iperf3", "wrk", "taskset", "openssl", "curl"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: run benches/compare.sh, which installs it")
+    if not os.access(args.binary, os.X_OK):
+        sys.exit(f"{args.binary} is not an executable: build it (cargo build --release) or pass --binary")
+    args.binary_sha256 = file_sha256(args.binary)
 
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    atexit.register(stop_all)
     args.tmp = tmp = tempfile.mkdtemp(prefix="apilb-compare-")
+    ports = Ports(["backend"] + [t.key for t in TARGETS if t.proxy] + [SCALING.key])
     results = {}
     scaling = None
     try:
-        args.pki = pki = make_pki(tmp)
-        start_backends(tmp, pki, 32 if args.quick else 1024)
+        args.pki = make_pki(tmp)
+        backend = ports.take("backend")
+        start_backends(args, backend, 32 if args.quick else 1024)
         print("measuring (proxy on CPU 0, load and backends on CPU 1)...", file=sys.stderr, flush=True)
-        base_ports = (PORTS["iperf_backend"], PORTS["http_backend"], PORTS["idle_backend"], PORTS["tls_backend"])
-        results["no proxy (the limit)"] = median_runs(lambda: measure("no proxy", base_ports, None, args), args.runs)
-        for name, key, starter in (("apilb", "apilb", lambda: start_apilb(tmp, args.binary, pki)),
-                                   ("HAProxy mode tcp", "haproxy", lambda: start_haproxy(tmp, pki, False)),
-                                   ("HAProxy + splice", "haproxy-splice", lambda: start_haproxy(tmp, pki, True)),
-                                   ("nginx stream", "nginx", lambda: start_nginx(tmp, pki))):
-            if args.only and args.only != key:
+        for t in TARGETS:
+            if t.proxy is None:
+                results[t.key] = median_runs(lambda t=t: measure(t.vs_label, backend, None, args), args.runs)
                 continue
+            if args.only and args.only != t.key:
+                continue
+            listen = ports.take(t.key)
 
-            def one_run():
-                p = starter()
+            def one_run(t=t, listen=listen):
+                p = start_proxy(args, t, listen, backend)
                 try:
-                    return measure(name, PROXY_PORTS[key], p.pid, args)
+                    return measure(t.label, listen, p.pid, args)
                 finally:
                     stop(p)
-            results[name] = median_runs(one_run, args.runs)
-        if "scaling" in args.measure.split(","):
-            scaling = measure_scaling(args)
+            results[t.key] = median_runs(one_run, args.runs)
+        if "scaling" in args.want:
+            scaling = measure_scaling(args, ports.take(SCALING.key), backend)
     finally:
         stop_all()
+        ports.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    report(results, scaling, args)
-
-
-def report(results, scaling, args):
-    def fmt(v, d=1):
-        return "-" if v is None else f"{v:,.{d}f}"
-
-    def ratios(a, o, keys):
-        return " | ".join("-" if not a.get(k) or not o.get(k) else f"{a[k] / o[k]:.2f}x" for k in keys)
-
-    print(f"\n{'Quick smoke run: figures are not meaningful.' if args.quick else ''}")
-    print(f"Loopback, proxy alone on CPU {PROXY_CPU} with one worker, load and backends on CPU {LOAD_CPU}; "
-          f"median of {args.runs} run(s) of {args.secs}s; idle memory over {args.idle} connections.\n")
-    print("Passthrough (HAProxy and nginx in plain TCP mode):\n")
-    print("| target | 1-stream Gbit/s | 8-stream Gbit/s | keep-alive req/s | p99 ms | new conn/s | KiB per idle conn |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {fmt(r['tp1'])} | {fmt(r['tp8'])} | {fmt(r['rps'], 0)} | {fmt(r['p99'], 2)} | "
-              f"{fmt(r['cps'], 0)} | {fmt(r['idle'])} |")
-    others = [(label, results.get(name)) for label, name in (
-        ("no proxy", "no proxy (the limit)"), ("HAProxy mode tcp", "HAProxy mode tcp"),
-        ("HAProxy + splice", "HAProxy + splice"), ("nginx stream", "nginx stream"))]
-    others = [(label, o) for label, o in others if o]
-    a = results.get("apilb")
-    if a and len(others) > 1:
-        print("\n| apilb vs | 1-stream | 8-stream | keep-alive req/s | p99 (lower is better) | new conn/s | idle KiB (lower is better) |")
-        print("|---|---|---|---|---|---|---|")
-        for label, o in others:
-            print(f"| {label} | {ratios(a, o, ('tp1', 'tp8', 'rps', 'p99', 'cps', 'idle'))} |")
-
-    if any(r.get("hs") for r in results.values()):
-        print("\nTerminating TLS (ECDSA P-256 certificate; the proxy re-encrypts to an nginx TLS backend, "
-              "verifying it): full handshakes/s is wrk with `Connection: close` (no session resumption), "
-              "bulk is one curl download of the backend's large file.\n")
-        print("| target | full TLS handshakes/s | TLS bulk Gbit/s |")
-        print("|---|---|---|")
-        for name, r in results.items():
-            if name == "HAProxy + splice":
-                continue  # the same TLS listener as HAProxy mode tcp
-            label = {"HAProxy mode tcp": "HAProxy `bind ssl`", "nginx stream": "nginx stream `ssl`",
-                     "no proxy (the limit)": "no proxy (nginx TLS direct)"}.get(name, name)
-            print(f"| {label} | {fmt(r['hs'], 0)} | {fmt(r['tlsbulk'])} |")
-        if a and len(others) > 1:
-            print("\n| apilb vs | handshakes/s | TLS bulk |")
-            print("|---|---|---|")
-            for label, o in others:
-                if label != "HAProxy + splice":
-                    label = {"HAProxy mode tcp": "HAProxy `bind ssl`", "nginx stream": "nginx stream `ssl`"}.get(label, label)
-                    print(f"| {label} | {ratios(a, o, ('hs', 'tlsbulk'))} |")
-
-    if any(r.get("cpu_cps") or r.get("cpu_hs") for r in results.values()):
-        print("\nProxy CPU per unit of work (user + system, including the kernel's loopback TCP work done "
-              "in the proxy's system calls; lower is better). On this machine the load generators and "
-              "backends often saturate their core first, so these show the proxies' headroom where the "
-              "rates above cannot.\n")
-        print("| target | ms per GB (1 stream) | us per keep-alive request | us per new connection | "
-              "us per TLS handshake | ms per GB TLS bulk |")
-        print("|---|---|---|---|---|---|")
-        for name, r in results.items():
-            if name.startswith("no proxy"):
-                continue
-            ms = lambda v: None if v is None else v * 1e3  # noqa: E731
-            us = lambda v: None if v is None else v * 1e6  # noqa: E731
-            print(f"| {name} | {fmt(ms(r['cpu_tp1']), 0)} | {fmt(us(r['cpu_rps']))} | {fmt(us(r['cpu_cps']))} | "
-                  f"{fmt(us(r['cpu_hs']), 0)} | {fmt(ms(r['cpu_tlsbulk']), 0)} |")
-        if a and len(others) > 1:
-            print("\n| apilb's CPU vs | per GB | per request | per new connection | per TLS handshake | per GB TLS |")
-            print("|---|---|---|---|---|---|")
-            for label, o in others:
-                if label != "no proxy":
-                    print(f"| {label} | {ratios(a, o, ('cpu_tp1', 'cpu_rps', 'cpu_cps', 'cpu_hs', 'cpu_tlsbulk'))} |")
-
-    if scaling:
-        print(f"\nScaling: apilb `--threads 1` and `--threads 2`, nothing pinned (proxy, loads and backends "
-              f"share the 2 cores); one run of {args.secs}s each.\n")
-        print("| apilb worker threads | 8-stream Gbit/s | keep-alive req/s | new conn/s | full TLS handshakes/s |")
-        print("|---|---|---|---|---|")
-        for n in (1, 2):
-            r = scaling[n]
-            print(f"| {n} | {fmt(r['tp8'])} | {fmt(r['rps'], 0)} | {fmt(r['cps'], 0)} | {fmt(r['hs'], 0)} |")
-        print(f"| 2 vs 1 | {ratios(scaling[2], scaling[1], ('tp8', 'rps', 'cps', 'hs'))} |")
+    data = collect(results, scaling, args, ports)
+    print(render(data))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        print(f"\nwrote {args.json}", file=sys.stderr)
 
 
 if __name__ == "__main__":

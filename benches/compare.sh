@@ -16,6 +16,6 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get install -y -q --no-install-recommends haproxy nginx-light libnginx-mod-stream iperf3 wrk util-linux python3 openssl curl
 fi
 # Debian starts the packaged services on install where it can; they are not ours to stop,
-# and the comparison uses its own ports.
+# and the comparison listens on free ports the kernel hands out at start (benches/compare.py).
 cargo build --release --quiet
 exec python3 benches/compare.py "$@"

@@ -31,10 +31,11 @@ async fn relayed() -> (TcpStream, TcpStream, CancellationToken) {
     let stop = CancellationToken::new();
     let s = stop.clone();
     tokio::spawn(async move {
-        apilb::forward::relay_tcp(
+        apilb::relay::relay_tcp(
             gw_client,
             gw_backend,
             Duration::from_secs(3600),
+            true,
             s.cancelled(),
         )
         .await;

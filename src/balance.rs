@@ -16,11 +16,11 @@ use prometheus::IntCounter;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendConfig, Balance, PoolConfig, WhenAllDown};
-use crate::health::BackendHealth;
+use crate::health::state::{BackendHealth, State};
 use crate::metrics::{BackendMetrics, Metrics};
 
 /// Milliseconds on a process-wide monotonic clock.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -29,7 +29,7 @@ pub fn now_ms() -> u64 {
 
 /// One apiserver, with the counters the balancer and the metrics read.
 #[derive(Debug)]
-pub struct Backend {
+pub(crate) struct Backend {
     /// Display name.
     pub name: String,
     /// The address as configured (`host:port` or `IP:port`).
@@ -55,7 +55,7 @@ impl Backend {
     /// Builds a backend with its metric handles resolved. `healthy` is its state until the
     /// first check ends: true at start-up (the gateway serves from its first second), false
     /// for a backend a reload added (it takes traffic once a check passed).
-    pub fn new(
+    pub(crate) fn new(
         pool: &str,
         cfg: &BackendConfig,
         metrics: &Metrics,
@@ -93,7 +93,7 @@ impl Backend {
     }
 
     /// Starts the slow-start ramp now (the backend just turned healthy again).
-    pub fn start_ramp(&self) {
+    pub(crate) fn start_ramp(&self) {
         self.ramp_start.store(now_ms() + 1, Ordering::Relaxed);
     }
 
@@ -116,24 +116,24 @@ impl Backend {
     }
 
     /// Connections open to (or being opened to) this backend.
-    pub fn active(&self) -> u64 {
+    pub(crate) fn active(&self) -> u64 {
         u64::try_from(self.metrics.active.get()).unwrap_or(0)
     }
 }
 
 /// Counts one connection as active on a backend for as long as it lives, on every exit path.
 #[derive(Debug)]
-pub struct ActiveGuard(Arc<Backend>);
+pub(crate) struct ActiveGuard(Arc<Backend>);
 
 impl ActiveGuard {
     /// Marks a new connection to `backend` as active.
-    pub fn new(backend: Arc<Backend>) -> Self {
+    pub(crate) fn new(backend: Arc<Backend>) -> Self {
         backend.metrics.active.inc();
         Self(backend)
     }
 
     /// The backend this guard counts against.
-    pub fn backend(&self) -> &Arc<Backend> {
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
         &self.0
     }
 }
@@ -148,7 +148,7 @@ impl Drop for ActiveGuard {
 
 /// A pool as one snapshot sees it.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     /// The validated settings.
     pub cfg: Arc<PoolConfig>,
     /// Backends in configuration order.
@@ -168,7 +168,7 @@ impl Pool {
     /// same backend (SPEC §3, Hot reload): reused as is, or, if its name or weight changed,
     /// rebuilt around the same health state and drain token. Other backends are new and start
     /// `healthy_at_first` (see [`Backend::new`]); their drain tokens are children of `drain`.
-    pub fn new(
+    pub(crate) fn new(
         cfg: Arc<PoolConfig>,
         metrics: &Metrics,
         existing: &[Arc<Backend>],
@@ -195,12 +195,47 @@ impl Pool {
         }
     }
 
+    /// Records a health result (an active check's, or a failed proxied connect's) for `backend`:
+    /// the state machine, the gauge, the slow-start ramp on a return, and a log line on change.
+    pub(crate) fn observe(&self, backend: &Backend, pass: bool, reason: &str) {
+        let pool = self;
+        let h = &pool.cfg.health;
+        if let Some((prev, state)) = backend.health.observe(pass, reason, h.rise, h.fall) {
+            backend
+                .metrics
+                .healthy
+                .set(i64::from(state == State::Healthy));
+            // Only a return ramps: at start-up every backend begins together at full weight.
+            let ramp = prev == State::Unhealthy
+                && state == State::Healthy
+                && !pool.cfg.slow_start.is_zero();
+            if ramp {
+                backend.start_ramp();
+                tracing::info!(pool = %pool.cfg.name, backend = %backend.name, slow_start = %humantime::format_duration(pool.cfg.slow_start), "slow start: ramping up from 10% of its weight");
+            }
+            match state {
+                State::Healthy => {
+                    tracing::info!(pool = %pool.cfg.name, backend = %backend.name, reason, "backend is healthy")
+                }
+                _ => {
+                    tracing::warn!(pool = %pool.cfg.name, backend = %backend.name, reason, "backend is unhealthy")
+                }
+            }
+        }
+    }
+
+    /// The name checked in `backend`'s certificate (see [`crate::tls::backend_server_name`]).
+    pub(crate) fn server_name(&self, backend: &Backend) -> rustls::pki_types::ServerName<'static> {
+        let configured = self.cfg.tls.as_ref().and_then(|t| t.server_name.as_deref());
+        crate::tls::backend_server_name(configured, &backend.address, backend.addr.ip())
+    }
+
     /// Picks a healthy backend for a new connection, skipping the indexes in `tried`.
     ///
     /// When no backend is healthy, `when_all_down` decides: `fail-open` picks among all of
     /// them (counted, and warned about once per episode), `reject` picks none. Returns the
     /// index into [`Pool::backends`], or `None`.
-    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+    pub(crate) fn pick(&self, tried: &[usize]) -> Option<usize> {
         if self.backends.iter().any(|b| b.health.is_healthy()) {
             // Load before swap: the common case reads a shared line instead of writing it.
             if self.all_down_warned.load(Ordering::Relaxed)

@@ -13,7 +13,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use socket2::SockRef;
 use tokio::net::TcpStream;
 
 use crate::balance::{ActiveGuard, Backend, Pool};
@@ -126,14 +125,7 @@ where
         // Counted as active from the pick on, so concurrent picks by least-conn see it.
         let guard = ActiveGuard::new(backend.clone());
         let attempt = async {
-            let sock = if backend.addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()
-            } else {
-                tokio::net::TcpSocket::new_v6()
-            }
-            .map_err(|e| socket_error(&e))?;
-            // Options before connect: the SYN already carries them, same six calls.
-            crate::forward::tune(SockRef::from(&sock), "backend");
+            let sock = crate::net::backend_socket(backend.addr).map_err(|e| socket_error(&e))?;
             let tcp = sock
                 .connect(backend.addr)
                 .await
@@ -162,7 +154,7 @@ where
         backend.metrics.connect_errors.inc();
         // Passive health: a failed connect counts like a failed check (a success does not
         // count as a pass: an accepting socket says little about a hung apiserver).
-        crate::health::record(pool, backend, false, &format!("connect failed: {err}"));
+        pool.observe(backend, false, &format!("connect failed: {err}"));
         tracing::debug!(listener, client = %client, backend = %backend.name, error = %err, "backend connect failed, trying another");
         last_error = Some(ConnectError::Backends {
             backend: backend.name.clone(),

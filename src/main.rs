@@ -89,17 +89,16 @@ fn main() -> ExitCode {
                 }
             };
             with_runtime(threads, async move {
-                let gateway = apilb::Gateway::start(cfg, apilb::shutdown::signal())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(apilb::shutdown::reload_on_sighup(gateway.reloader()));
-                // Listeners are bound and the first health checks are under way.
-                apilb::sd_notify::ready(&gateway.status_line().await);
-                if let Some(every) = apilb::sd_notify::watchdog_interval() {
-                    tokio::spawn(apilb::sd_notify::watchdog(every));
-                }
+                // Signal handlers exist before READY: a SIGTERM right after it is not lost.
+                let shutdown = apilb::signals::shutdown();
+                let gateway =
+                    apilb::Gateway::start(cfg, apilb::GatewayOptions::default(), shutdown)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                tokio::spawn(apilb::signals::reload_on_sighup(gateway.reloader()));
+                #[cfg(debug_assertions)]
                 test_hook_block_on_sigusr2();
-                let report = gateway.wait().await;
+                let report = gateway.wait().await.map_err(|e| e.to_string())?;
                 tracing::info!(forced = report.forced, "stopped");
                 Ok(())
             })
@@ -118,7 +117,7 @@ fn main() -> ExitCode {
                     admin,
                     dir,
                 },
-                apilb::shutdown::signal(),
+                apilb::signals::shutdown(),
             )
             .await
             .map_err(|e| e.to_string())
@@ -157,6 +156,9 @@ fn with_runtime(
 
 /// Test hook: with `APILB_TEST_BLOCK_ON_SIGUSR2=SECONDS`, SIGUSR2 blocks a runtime worker
 /// for that long, to show that a wedged runtime stops feeding the watchdog. Inert otherwise.
+/// Debug builds only (what `cargo test` runs): blocks a runtime worker on SIGUSR2 so the
+/// systemd test can show the watchdog is fed from the runtime. Release builds have no hook.
+#[cfg(debug_assertions)]
 fn test_hook_block_on_sigusr2() {
     #[cfg(unix)]
     if let Some(secs) = std::env::var("APILB_TEST_BLOCK_ON_SIGUSR2")

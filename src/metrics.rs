@@ -12,59 +12,59 @@ use prometheus::{
 };
 
 /// `apilb_listener_connections_total{listener}`
-pub const LISTENER_CONNECTIONS: &str = "apilb_listener_connections_total";
+pub(crate) const LISTENER_CONNECTIONS: &str = "apilb_listener_connections_total";
 /// `apilb_listener_active_connections{listener}`
-pub const LISTENER_ACTIVE: &str = "apilb_listener_active_connections";
+pub(crate) const LISTENER_ACTIVE: &str = "apilb_listener_active_connections";
 /// `apilb_listener_rejected_total{listener,reason}`
-pub const LISTENER_REJECTED: &str = "apilb_listener_rejected_total";
+pub(crate) const LISTENER_REJECTED: &str = "apilb_listener_rejected_total";
 /// `apilb_listener_accept_errors_total{listener}`: accept(2) failures such as EMFILE.
-pub const LISTENER_ACCEPT_ERRORS: &str = "apilb_listener_accept_errors_total";
+pub(crate) const LISTENER_ACCEPT_ERRORS: &str = "apilb_listener_accept_errors_total";
 /// `apilb_backend_connections_total{pool,backend}`
-pub const BACKEND_CONNECTIONS: &str = "apilb_backend_connections_total";
+pub(crate) const BACKEND_CONNECTIONS: &str = "apilb_backend_connections_total";
 /// `apilb_backend_active_connections{pool,backend}`
-pub const BACKEND_ACTIVE: &str = "apilb_backend_active_connections";
+pub(crate) const BACKEND_ACTIVE: &str = "apilb_backend_active_connections";
 /// `apilb_backend_connect_errors_total{pool,backend}`
-pub const BACKEND_CONNECT_ERRORS: &str = "apilb_backend_connect_errors_total";
+pub(crate) const BACKEND_CONNECT_ERRORS: &str = "apilb_backend_connect_errors_total";
 /// `apilb_backend_bytes_total{pool,backend,direction}`
-pub const BACKEND_BYTES: &str = "apilb_backend_bytes_total";
+pub(crate) const BACKEND_BYTES: &str = "apilb_backend_bytes_total";
 /// `apilb_backend_healthy{pool,backend}`
-pub const BACKEND_HEALTHY: &str = "apilb_backend_healthy";
+pub(crate) const BACKEND_HEALTHY: &str = "apilb_backend_healthy";
 /// `apilb_health_checks_total{pool,backend,result}`
-pub const HEALTH_CHECKS: &str = "apilb_health_checks_total";
+pub(crate) const HEALTH_CHECKS: &str = "apilb_health_checks_total";
 /// `apilb_health_check_duration_seconds{pool,backend}`
-pub const HEALTH_CHECK_DURATION: &str = "apilb_health_check_duration_seconds";
+pub(crate) const HEALTH_CHECK_DURATION: &str = "apilb_health_check_duration_seconds";
 /// `apilb_tls_handshake_errors_total{listener,reason}`: client-side TLS failures on
 /// terminate listeners. SPEC §4 names it with `listener` only; `reason` (handshake_timeout,
 /// not_tls, client_handshake, backend_tls, client_alpn) is added so an operator can tell a scanner from a
 /// broken backend, and `sum by (listener)` gives SPEC's series.
-pub const TLS_HANDSHAKE_ERRORS: &str = "apilb_tls_handshake_errors_total";
+pub(crate) const TLS_HANDSHAKE_ERRORS: &str = "apilb_tls_handshake_errors_total";
 /// `apilb_listener_connection_duration_seconds{listener}`: how long proxied connections lived.
-pub const LISTENER_CONNECTION_DURATION: &str = "apilb_listener_connection_duration_seconds";
+pub(crate) const LISTENER_CONNECTION_DURATION: &str = "apilb_listener_connection_duration_seconds";
 /// `apilb_config_reloads_total{result}`
-pub const CONFIG_RELOADS: &str = "apilb_config_reloads_total";
+pub(crate) const CONFIG_RELOADS: &str = "apilb_config_reloads_total";
 /// `apilb_certificate_expiry_timestamp_seconds{source}`
-pub const CERTIFICATE_EXPIRY: &str = "apilb_certificate_expiry_timestamp_seconds";
+pub(crate) const CERTIFICATE_EXPIRY: &str = "apilb_certificate_expiry_timestamp_seconds";
 /// `apilb_listener_closed_total{listener,end}`: proxied connections by how they ended
 /// (the `end` of the access log: client_closed, backend_closed, idle_timeout, drained, error).
-pub const LISTENER_CLOSED: &str = "apilb_listener_closed_total";
+pub(crate) const LISTENER_CLOSED: &str = "apilb_listener_closed_total";
 /// `apilb_config_info{hash}`: 1 for the content hash of the running config.
-pub const CONFIG_INFO: &str = "apilb_config_info";
+pub(crate) const CONFIG_INFO: &str = "apilb_config_info";
 /// `apilb_listener_connect_errors_total{listener,cause}`: clients that got no backend
 /// connection for a cause that is not a backend's (`client`: its ALPN; `local`: the gateway
 /// ran out of descriptors, buffers or ports). Kept apart from
 /// `apilb_backend_connect_errors_total` and passive health, which are for what backends do.
-pub const LISTENER_CONNECT_ERRORS: &str = "apilb_listener_connect_errors_total";
+pub(crate) const LISTENER_CONNECT_ERRORS: &str = "apilb_listener_connect_errors_total";
 /// `cause` of [`LISTENER_CONNECT_ERRORS`]: the client's request could not be served.
-pub const CAUSE_CLIENT: &str = "client";
+pub(crate) const CAUSE_CLIENT: &str = "client";
 /// `cause` of [`LISTENER_CONNECT_ERRORS`]: the gateway's own shortage.
-pub const CAUSE_LOCAL: &str = "local";
+pub(crate) const CAUSE_LOCAL: &str = "local";
 /// `apilb_pool_fail_open_total{pool}`
-pub const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
+pub(crate) const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 
 /// Rejection reasons, the `reason` label of [`LISTENER_REJECTED`].
-pub const REJECT_MAX_CONNECTIONS: &str = "max_connections";
+pub(crate) const REJECT_MAX_CONNECTIONS: &str = "max_connections";
 /// No backend could be connected to (all refused, timed out, or `when_all_down = "reject"`).
-pub const REJECT_NO_BACKEND: &str = "no_backend";
+pub(crate) const REJECT_NO_BACKEND: &str = "no_backend";
 
 /// Every metric family the gateway exports.
 #[derive(Debug, Clone)]
@@ -317,7 +317,7 @@ impl Metrics {
                 .listener_connect_errors
                 .with_label_values(&[listener, CAUSE_LOCAL]),
             duration: self.connection_duration.with_label_values(&[listener]),
-            closed: crate::forward::End::PROXIED.map(|end| {
+            closed: crate::close::End::PROXIED.map(|end| {
                 self.listener_closed
                     .with_label_values(&[listener, end.as_str()])
             }),
@@ -391,7 +391,7 @@ pub struct ListenerMetrics {
     pub connect_local: IntCounter,
     /// Lifetime of proxied connections.
     pub duration: Histogram,
-    /// Proxied connections by end, indexed like [`crate::forward::End::PROXIED`].
+    /// Proxied connections by end, indexed like [`crate::close::End::PROXIED`].
     pub closed: [IntCounter; 5],
     /// TLS failures (terminate listeners only).
     pub tls: TlsErrorMetrics,

@@ -43,7 +43,7 @@ fn target() -> Option<&'static Target> {
 }
 
 /// Sends one message (lines `KEY=value`); a no-op without `NOTIFY_SOCKET`.
-pub fn notify(message: &str) {
+pub(crate) fn notify(message: &str) {
     let Some(t) = target() else { return };
     #[cfg(unix)]
     {
@@ -71,23 +71,23 @@ fn monotonic_usec() -> u128 {
 }
 
 /// Every listener is bound and serving.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     notify(&format!("READY=1\nSTATUS={status}"));
 }
 
 /// A reload starts.
-pub fn reloading() {
+pub(crate) fn reloading() {
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
 }
 
 /// Shutdown starts.
-pub fn stopping() {
+pub(crate) fn stopping() {
     notify("STOPPING=1\nSTATUS=draining connections");
 }
 
 /// The interval at which to send `WATCHDOG=1`: half of `WATCHDOG_USEC`, when it is set for
 /// this process.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     target()?;
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
@@ -99,7 +99,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 }
 
 /// Feeds the watchdog every `every` for as long as the runtime runs this task.
-pub async fn watchdog(every: Duration) {
+pub(crate) async fn watchdog(every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -1,58 +1,64 @@
-//! Process signals: the ones that end the gateway, and SIGHUP, which reloads it.
+//! The drain sequence (SPEC §3, Shutdown): once the shutdown future fires, stop accepting,
+//! let connections finish for up to the longest `drain_timeout`, close the rest, report.
 //!
-//! The gateway itself never listens for signals: [`crate::Gateway::start`] takes shutdown as
-//! a future, so tests drive it with a channel and `main` passes [`signal`]. What happens
-//! after the signal (stop accepting, drain with a deadline) lives in `Gateway::start`.
+//! It runs in its own task, started by [`crate::Gateway::start`], and moves the lifecycle to
+//! `Draining` (which fails `/readyz` and tells the service manager STOPPING) and at the end to
+//! `Stopped`. It takes the runtime's lock only long enough to copy out the tokens and
+//! trackers it needs, so a reload that is still loading never holds shutdown up, and a reload
+//! that comes later sees the `Draining` phase and does nothing.
 
-/// Completes on the first SIGTERM or SIGINT, logging which one arrived.
-pub async fn signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                let name = tokio::select! {
-                    _ = term.recv() => "SIGTERM",
-                    _ = int.recv() => "SIGINT",
-                };
-                tracing::info!(signal = name, "shutdown requested");
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(error = %e, "cannot install signal handlers; only Ctrl-C will stop the process");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutdown requested");
-    }
-}
+use std::future::Future;
+use std::sync::Arc;
 
-/// Reloads on every SIGHUP, for as long as the process runs. A failed reload is logged and
-/// counted by the reload itself; the running configuration stays.
-pub async fn reload_on_sighup(reloader: crate::reload::Reloader) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install the SIGHUP handler; reload by editing the config file");
-                return;
-            }
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!(signal = "SIGHUP", "reload requested");
-            let _ = reloader.reload().await;
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = reloader;
-    }
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::phase::{Lifecycle, Phase, ShutdownReport};
+use crate::runtime::Running;
+
+/// Runs the drain once `shutdown` completes; `admin_stop` ends the admin server last, so
+/// `/readyz` keeps saying "draining" to keepalived until the process is done.
+pub(crate) async fn drain(
+    shutdown: impl Future<Output = ()>,
+    running: Arc<Mutex<Running>>,
+    lifecycle: Lifecycle,
+    admin_stop: CancellationToken,
+) -> ShutdownReport {
+    shutdown.await;
+    lifecycle.enter(Phase::Draining);
+    let (stop, drain, tracker, accepts, deadline) = {
+        let r = running.lock().await;
+        (
+            r.stop.clone(),
+            r.drain.clone(),
+            r.tracker.clone(),
+            r.accepts.clone(),
+            r.drain_deadline(),
+        )
+    };
+    stop.cancel();
+    accepts.close();
+    accepts.wait().await;
+    tracker.close();
+    tracing::info!(
+        open_connections = tracker.len(),
+        deadline = %humantime::format_duration(deadline),
+        "stopped accepting; draining"
+    );
+    let forced = if tokio::time::timeout(deadline, tracker.wait()).await.is_ok() {
+        tracing::info!("drain finished: every connection closed on its own");
+        0
+    } else {
+        let forced = tracker.len();
+        tracing::warn!(
+            closing = forced,
+            "drain deadline reached: closing the remaining connections"
+        );
+        drain.cancel();
+        tracker.wait().await;
+        forced
+    };
+    lifecycle.enter(Phase::Stopped);
+    admin_stop.cancel();
+    ShutdownReport { forced }
 }

@@ -8,9 +8,9 @@
 //! backend chose. So HTTP/2 works end to end, and a client that asks for http/1.1 only (as
 //! `kubectl exec` does, to upgrade) gets an http/1.1 backend connection. The backend is
 //! verified against `[pool.tls]`; no client certificate is ever presented to it, and none is
-//! asked of the client. After both handshakes the bytes go through [`crate::forward::relay`],
+//! asked of the client. After both handshakes the bytes go through [`crate::relay::relay`],
 //! with the same ends, half-close and idle rules as passthrough's loop; both sockets are read
-//! through `forward::ReadAhead`, which hands rustls whole buffers instead of 4 KiB reads.
+//! through `relay::ReadAhead`, which hands rustls whole buffers instead of 4 KiB reads.
 //!
 //! Failures before relaying are counted by reason in `apilb_tls_handshake_errors_total` and
 //! logged at debug per connection; `report_errors` writes an info summary at most once a
@@ -27,11 +27,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Backend, Pool};
 use crate::connect::{connect, AttemptError, ConnectError};
-use crate::forward::{drained, log_close, log_connect_failed, relay, ReadAhead};
-use crate::listener::ListenerState;
+use crate::relay::{drained, relay, ReadAhead};
+use crate::snapshot::ListenerSnapshot;
 
 /// Serves one accepted terminate connection to completion.
-pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<ListenerState>) {
+pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<ListenerSnapshot>) {
     let started = Instant::now();
     let Some(tls) = state.cfg.tls.as_ref() else {
         // Validation guarantees [listener.tls] for terminate listeners.
@@ -88,7 +88,7 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
         Ok(c) => c,
         Err(e) => {
             // The client's handshake is left unfinished: dropping it closes the connection.
-            log_connect_failed(&state, client_addr, started, &e);
+            state.log_connect_failed(client_addr, started, &e);
             return;
         }
     };
@@ -127,7 +127,7 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
     let (br, bw) = tokio::io::split(backend_stream);
     let drain = drained(&state.drain, &guard.backend().drain);
     let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, drain).await;
-    log_close(&state, client_addr, guard.backend(), started, &r);
+    state.log_close(client_addr, guard.backend(), started, &r);
 }
 
 /// The protocols the gateway knows how to relay, in its order of preference. Anything else a
@@ -170,7 +170,7 @@ async fn backend_tls(
     config.alpn_protocols = alpn.to_vec();
     config.resumption =
         rustls::client::Resumption::store(pool_tls.sessions.for_backend(backend.addr));
-    let name = crate::health::server_name(pool, &backend);
+    let name = pool.server_name(&backend);
     match TlsConnector::from(Arc::new(config))
         .connect(name.clone(), ReadAhead::new(tcp))
         .await
@@ -178,7 +178,7 @@ async fn backend_tls(
         Ok(s) => Ok(s),
         Err(e) => {
             failures.inc();
-            let reason = format!("backend TLS: {}", crate::health::tls_reason(&e, &name));
+            let reason = format!("backend TLS: {}", crate::tls::tls_reason(&e, &name));
             Err(if refused_alpn(&e) {
                 // The list came from the client (filtered); another backend would answer
                 // the same, and this one did nothing wrong.
@@ -211,7 +211,7 @@ fn is_not_tls(e: &io::Error) -> bool {
 
 /// Logs, at most once a minute and only when something happened, how many clients of a
 /// terminate listener failed before relaying; runs until `stop` is cancelled.
-pub(crate) async fn report_errors(state: Arc<ListenerState>, stop: CancellationToken) {
+pub(crate) async fn report_errors(state: Arc<ListenerSnapshot>, stop: CancellationToken) {
     let every = Duration::from_secs(60);
     let t = &state.metrics.tls;
     let mut last = t.total();

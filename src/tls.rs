@@ -8,12 +8,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::RootCertStore;
 
 /// Why PEM material could not be used.
@@ -404,4 +405,53 @@ pub fn covers(der: &[u8], name: &str) -> bool {
         },
         _ => false,
     })
+}
+
+// === TLS and socket failures in words ===
+
+/// The name checked in a backend's certificate: `configured` (`[pool.tls] server_name`), else
+/// the host of its configured `address`, else its IP.
+pub fn backend_server_name(
+    configured: Option<&str>,
+    address: &str,
+    ip: std::net::IpAddr,
+) -> ServerName<'static> {
+    let host = configured.map(str::to_string).unwrap_or_else(|| {
+        let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    });
+    ServerName::try_from(host).unwrap_or_else(|_| ServerName::IpAddress(ip.into()))
+}
+
+/// A socket error in plain words.
+pub(crate) fn io_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        io::ErrorKind::ConnectionReset => "connection reset".into(),
+        io::ErrorKind::TimedOut => "timeout".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// A TLS failure in the words an operator searches for.
+pub(crate) fn tls_reason(e: &io::Error, name: &ServerName<'_>) -> String {
+    use rustls::CertificateError as C;
+    let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return format!("TLS handshake: {}", io_reason(e));
+    };
+    match err {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => "certificate signed by unknown authority".into(),
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                format!("certificate not valid for name {}", name.to_str())
+            }
+            C::Expired | C::ExpiredContext { .. } => "certificate expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => "certificate not valid yet".into(),
+            other => format!("invalid certificate: {other:?}"),
+        },
+        rustls::Error::AlertReceived(a) => format!("TLS alert from backend: {a:?}"),
+        other => format!("TLS handshake: {other}"),
+    }
 }

@@ -215,7 +215,7 @@ async fn payloads_arrive_intact_both_ways_with_half_close() {
     .await;
     // The bytes went through splice(2): its pipes stay pooled for the next transfer.
     assert!(
-        apilb::forward::pooled_pipes() > 0,
+        apilb::relay::pooled_pipes() > 0,
         "no pipe was used: the zero-copy path did not run"
     );
     // Asymmetric: a small request with a large answer, and the reverse.

@@ -71,6 +71,9 @@ pub enum DemoError {
     /// The gateway did not start for another reason.
     #[error(transparent)]
     Start(#[from] crate::StartError),
+    /// The gateway did not stop cleanly.
+    #[error(transparent)]
+    Stop(#[from] crate::GatewayError),
 }
 
 /// Runs the demo until `shutdown` completes, printing what to try to stdout.
@@ -130,7 +133,8 @@ pub async fn run(
     let config_path = dir.join("apilb.toml");
     std::fs::write(&config_path, demo_config(&opts, &servers, &files)).map_err(files_err)?;
     let cfg = crate::config::load(&config_path)?;
-    let gateway = match crate::Gateway::start(cfg, shutdown).await {
+    let gateway = match crate::Gateway::start(cfg, crate::GatewayOptions::default(), shutdown).await
+    {
         Ok(g) => g,
         Err(crate::StartError::Bind {
             listener,
@@ -170,7 +174,7 @@ pub async fn run(
     };
     println!("{}", instructions(&servers, &shown));
 
-    let report = gateway.wait().await;
+    let report = gateway.wait().await?;
     tracing::info!(forced = report.forced, "demo stopped");
     drop(servers);
     Ok(())

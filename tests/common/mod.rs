@@ -109,7 +109,9 @@ impl Gw {
             let _ = s.send(());
         }
         let h = self.handle.take().expect("running");
-        within(30, "gateway shutdown", h.wait()).await
+        within(30, "gateway shutdown", h.wait())
+            .await
+            .expect("a clean shutdown")
     }
 }
 
@@ -150,10 +152,18 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 pub async fn gateway(toml_text: &str) -> Gw {
+    gateway_with(toml_text, apilb::GatewayOptions::default()).await
+}
+
+pub async fn gateway_with(toml_text: &str, opts: apilb::GatewayOptions) -> Gw {
     let cfg = apilb::config::parse(Path::new("test.toml"), toml_text)
         .unwrap_or_else(|e| panic!("config should be valid:\n{e}\n---\n{toml_text}"));
+    start(cfg, opts).await
+}
+
+async fn start(cfg: apilb::config::Config, opts: apilb::GatewayOptions) -> Gw {
     let (tx, rx) = oneshot::channel::<()>();
-    let handle = apilb::Gateway::start(cfg, async move {
+    let handle = apilb::Gateway::start(cfg, opts, async move {
         let _ = rx.await;
     })
     .await
@@ -539,16 +549,7 @@ pub fn write_atomic(path: &Path, text: &str) {
 /// A gateway started from a config file, so it can reload it.
 pub async fn gateway_file(path: &Path) -> Gw {
     let cfg = apilb::config::load(path).unwrap_or_else(|e| panic!("config should be valid:\n{e}"));
-    let (tx, rx) = oneshot::channel::<()>();
-    let handle = apilb::Gateway::start(cfg, async move {
-        let _ = rx.await;
-    })
-    .await
-    .expect("gateway starts");
-    Gw {
-        handle: Some(handle),
-        stop: Some(tx),
-    }
+    start(cfg, apilb::GatewayOptions::default()).await
 }
 
 /// A child process of the test, killed (by its PID, which the test owns) if the test fails

@@ -1,0 +1,153 @@
+//! The active checks: one loop per backend that checks at once, then every `interval` with
+//! jitter, until its token is cancelled; `tcp` connects, `tls` completes a verified handshake,
+//! `https` also sends `GET path` and judges the status.
+//!
+//! Checks never share connections with client traffic. `tls` and `https` checks verify the
+//! backend against `[pool.tls]`, may present the health-only client certificate, and end
+//! with close_notify so the apiserver logs no handshake error for a probe. Results go to the
+//! pool ([`crate::balance::Pool::observe`]), which owns what a change of state means.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::{Backend, Pool};
+use crate::config::{CheckKind, HealthConfig};
+use crate::tls::{io_reason, tls_reason};
+
+/// Starts one check loop per backend of `pool`; they end when `stop` is cancelled.
+pub(crate) fn spawn(pool: &Arc<Pool>, stop: &CancellationToken) {
+    for i in 0..pool.backends.len() {
+        let pool = pool.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let backend = pool.backends[i].clone();
+            let cfg = &pool.cfg.health;
+            let name = pool.server_name(&backend);
+            // A backend carried over by a reload keeps its state and is next checked after an
+            // interval; one never checked (at start, or added by a reload) is checked at once.
+            if backend.health.status().last_check.is_some() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(jittered(cfg.interval)) => {}
+                }
+            }
+            loop {
+                let started = Instant::now();
+                // A check in flight is not cut short by shutdown (it is bounded by its
+                // timeout): a probe dropped mid-handshake is an error in the apiserver's log.
+                let result =
+                    tokio::time::timeout(cfg.timeout, check(&backend, cfg, name.clone())).await;
+                if stop.is_cancelled() {
+                    return;
+                }
+                backend
+                    .metrics
+                    .check_duration
+                    .observe(started.elapsed().as_secs_f64());
+                let (pass, reason) = match result {
+                    Ok(Ok(())) => (true, "ok".to_string()),
+                    Ok(Err(reason)) => (false, reason),
+                    Err(_) => (
+                        false,
+                        format!("timeout after {}", humantime::format_duration(cfg.timeout)),
+                    ),
+                };
+                if pass {
+                    backend.metrics.checks_pass.inc();
+                } else {
+                    backend.metrics.checks_fail.inc();
+                }
+                pool.observe(&backend, pass, &reason);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(jittered(cfg.interval)) => {}
+                }
+            }
+        });
+    }
+}
+
+/// `interval` ± 10%, so the checks of many backends do not line up.
+fn jittered(interval: Duration) -> Duration {
+    let f = rand::random_range(0.9..1.1);
+    interval.mul_f64(f)
+}
+
+async fn check(
+    backend: &Backend,
+    cfg: &HealthConfig,
+    name: ServerName<'static>,
+) -> Result<(), String> {
+    let tcp = TcpStream::connect(backend.addr)
+        .await
+        .map_err(|e| io_reason(&e))?;
+    let _ = tcp.set_nodelay(true);
+    let tls_config = match (cfg.check, &cfg.tls) {
+        (CheckKind::Tcp, _) => return Ok(()),
+        (_, Some(c)) => c.clone(),
+        // Validation requires [pool.tls] for these checks.
+        (_, None) => return Err("no [pool.tls] for a TLS check".into()),
+    };
+    let tls = tokio_rustls::TlsConnector::from(tls_config)
+        .connect(name.clone(), tcp)
+        .await
+        .map_err(|e| tls_reason(&e, &name))?;
+    if cfg.check == CheckKind::Tls {
+        close_cleanly(tls);
+        return Ok(());
+    }
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let conn = conn.without_shutdown();
+    let host = match &name {
+        ServerName::DnsName(d) => d.as_ref().to_string(),
+        _ => backend.addr.to_string(),
+    };
+    let req = hyper::Request::get(cfg.path.as_str())
+        .header(hyper::header::HOST, host)
+        .header(hyper::header::USER_AGENT, "apilb-health-check")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("HTTP request: {e}"))?;
+    let request = async {
+        let resp = sender.send_request(req).await;
+        drop(sender);
+        resp
+    };
+    let (resp, parts) = tokio::join!(request, conn);
+    let status = resp.map_err(|e| format!("HTTP: {e}"))?.status().as_u16();
+    if let Ok(parts) = parts {
+        close_cleanly(parts.io.into_inner());
+    }
+    if cfg.expect_status.contains(&status) {
+        Ok(())
+    } else if status == 401 || status == 403 {
+        Err(format!(
+            "status {status}: anonymous access to {} is off: set health.client_cert, or allow anonymous health endpoints",
+            cfg.path
+        ))
+    } else {
+        Err(format!("status {status}"))
+    }
+}
+
+/// Ends a probe's TLS session the way a well-behaved client does, off the check's clock
+/// (the verdict is already in): send close_notify, then read until the server's own close.
+/// Dropping the socket with unread bytes (TLS 1.3 session tickets) would make the kernel
+/// send a reset, and the apiserver would log a failed connection for every probe.
+fn close_cleanly(mut tls: tokio_rustls::client::TlsStream<TcpStream>) {
+    tokio::spawn(async move {
+        let _ = tls.shutdown().await;
+        let mut sink = tokio::io::sink();
+        let drain = tokio::io::copy(&mut tls, &mut sink);
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    });
+}

@@ -1,0 +1,467 @@
+//! The passthrough copy loop: TCP to TCP, one poll function over plain state.
+//!
+//! Its state is most of what an idle connection costs, so it is a struct rather than nested
+//! futures (whose arguments and locals the compiler would both keep), and a test guards its
+//! size. Each direction copies small reads through a pooled buffer and switches to splice(2)
+//! through a pooled pipe once a read fills the buffer; a short splice switches it back.
+
+use std::future::Future;
+use std::io;
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::buf::BufPool;
+#[cfg(target_os = "linux")]
+use super::splice;
+use super::{Clock, Ends, Watched};
+use crate::close::{End, Relayed};
+
+/// The most an idle relay future may take: it is most of an idle watch's memory (1.9 KiB RSS
+/// per idle connection, docs/performance.md), so a change that makes it grow must say why.
+#[cfg(test)]
+pub(crate) const RELAY_TCP_BUDGET: usize = 640;
+
+/// Relays bytes both ways between two TCP sockets (passthrough) until both directions
+/// reached EOF, an error occurs, nothing moved for `idle`, or `drain` completes.
+///
+/// The future holds no buffer or pipe while nothing is in flight. Each
+/// direction copies small reads through a pooled buffer (a read shorter than the buffer
+/// means the socket is drained, so the next message costs two syscalls, not three) and
+/// switches to splice(2) through a pooled pipe once a read fills the buffer, so bulk bytes
+/// never enter user space; a short splice switches it back.
+///
+/// Half-close is propagated: EOF from one side shuts down writing towards the other, and the
+/// other direction keeps flowing.
+pub fn relay_tcp<D: Future<Output = ()>>(
+    client: TcpStream,
+    backend: TcpStream,
+    idle: Duration,
+    splice: bool,
+    drain: D,
+) -> RelayTcp<D> {
+    let clock = Clock::new();
+    RelayTcp {
+        client,
+        backend,
+        up: Flow::new(splice),
+        down: Flow::new(splice),
+        idle_sleep: clock.first_deadline(idle),
+        clock,
+        ends: Ends::default(),
+        idle,
+        drain: Watched::new(drain),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`relay_tcp`].
+    pub struct RelayTcp<D> {
+        client: TcpStream,
+        backend: TcpStream,
+        up: Flow,
+        down: Flow,
+        clock: Clock,
+        ends: Ends,
+        idle: Duration,
+        #[pin]
+        idle_sleep: tokio::time::Sleep,
+        #[pin]
+        drain: Watched<D>,
+    }
+}
+
+impl<D: Future<Output = ()>> Future for RelayTcp<D> {
+    type Output = Relayed;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Relayed> {
+        let mut this = self.project();
+        let end = 'end: {
+            for up in [true, false] {
+                if this.ends.is_done(up) {
+                    continue;
+                }
+                let (flow, from, to) = if up {
+                    (&mut *this.up, &*this.client, &*this.backend)
+                } else {
+                    (&mut *this.down, &*this.backend, &*this.client)
+                };
+                // When the other direction is done too, both sockets are closed next, which
+                // sends the FIN without a shutdown call of its own.
+                let pass_eof = !this.ends.is_done(!up);
+                match flow.poll(cx, from, to, pass_eof, this.clock) {
+                    Poll::Ready(Ok(())) => {
+                        if let Some(end) = this.ends.eof(up) {
+                            break 'end (end, None);
+                        }
+                    }
+                    Poll::Ready(Err(e)) => break 'end (End::Error, Some(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if this
+                .clock
+                .poll_idle(this.idle_sleep.as_mut(), *this.idle, cx)
+            {
+                break 'end (End::IdleTimeout, None);
+            }
+            if this.drain.as_mut().poll(cx).is_ready() {
+                break 'end (End::Drained, None);
+            }
+            return Poll::Pending;
+        };
+        Poll::Ready(Relayed {
+            up: this.up.bytes,
+            down: this.down.bytes,
+            end: end.0,
+            error: end.1,
+        })
+    }
+}
+
+/// Bytes read but not yet written by one direction of [`relay_tcp`].
+enum Held {
+    Nothing,
+    #[cfg(target_os = "linux")]
+    Pipe {
+        pipe: splice::Pipe,
+        len: usize,
+    },
+    Buf {
+        buf: Box<[u8]>,
+        off: usize,
+        len: usize,
+    },
+}
+
+/// One direction of [`relay_tcp`].
+struct Flow {
+    held: Held,
+    /// Allowed to splice at all.
+    splice: bool,
+    /// Moving bulk bytes: splice instead of copying.
+    bulk: bool,
+    bytes: u64,
+}
+
+/// A splice that moves less than this switches its direction back to copying: small
+/// messages are cheaper through a buffer (see [`relay_tcp`]).
+#[cfg(target_os = "linux")]
+const SMALL_SPLICE: usize = 4096;
+
+impl Flow {
+    fn new(splice: bool) -> Self {
+        Self {
+            held: Held::Nothing,
+            splice,
+            bulk: false,
+            bytes: 0,
+        }
+    }
+
+    /// Moves bytes from `from` to `to` until `from` would block (Pending) or reached EOF and
+    /// `to` was shut down for writing if `pass_eof` (Ready(Ok)).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        pass_eof: bool,
+        clock: &Clock,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.flush(cx, to))?;
+            ready!(from.poll_read_ready(cx))?;
+            #[cfg(target_os = "linux")]
+            if self.bulk {
+                // Out of descriptors for a pipe: this round goes through a buffer.
+                if let Ok(pipe) = splice::take() {
+                    match from.try_io(Interest::READABLE, || splice::fill(from, &pipe)) {
+                        Ok(0) => {
+                            splice::put(pipe);
+                            return eof_reached(to, pass_eof);
+                        }
+                        Ok(len) => {
+                            clock.stamp();
+                            self.bulk = len >= SMALL_SPLICE;
+                            self.held = Held::Pipe { pipe, len };
+                        }
+                        Err(e) => {
+                            splice::put(pipe);
+                            if !retry(&e) {
+                                return Poll::Ready(Err(e));
+                            }
+                        }
+                    }
+                    continue;
+                }
+                self.bulk = false;
+            }
+            let mut buf = BufPool::take();
+            match read_draining(from, &mut buf) {
+                Ok(0) => {
+                    BufPool::put(buf);
+                    return eof_reached(to, pass_eof);
+                }
+                Ok(got) => {
+                    clock.stamp();
+                    self.bulk = self.splice && got == buf.len();
+                    self.held = Held::Buf {
+                        buf,
+                        off: 0,
+                        len: got,
+                    };
+                }
+                Err(e) => {
+                    BufPool::put(buf);
+                    if !retry(&e) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes what is held to `to`, then returns the buffer or pipe to its pool.
+    fn flush(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<io::Result<()>> {
+        let Self { held, bytes, .. } = self;
+        match held {
+            Held::Nothing => return Poll::Ready(Ok(())),
+            #[cfg(target_os = "linux")]
+            Held::Pipe { pipe, len } => {
+                while *len > 0 {
+                    ready!(to.poll_write_ready(cx))?;
+                    // On an error the pipe still holds bytes: it is dropped, not pooled.
+                    match to.try_io(Interest::WRITABLE, || splice::drain(pipe, to, *len)) {
+                        Ok(k) => {
+                            *len -= k;
+                            *bytes += k as u64;
+                        }
+                        Err(e) if retry(&e) => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
+            Held::Buf { buf, off, len } => {
+                while *off < *len {
+                    ready!(to.poll_write_ready(cx))?;
+                    match to.try_write(&buf[*off..*len]) {
+                        Ok(k) => {
+                            *off += k;
+                            *bytes += k as u64;
+                        }
+                        Err(e) if retry(&e) => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
+        }
+        match std::mem::replace(held, Held::Nothing) {
+            #[cfg(target_os = "linux")]
+            Held::Pipe { pipe, .. } => splice::put(pipe),
+            Held::Buf { buf, .. } => BufPool::put(buf),
+            Held::Nothing => {}
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// One read from a socket tokio saw readable. A read shorter than `buf` leaves the socket
+/// drained, so tokio is told to forget the readiness (by answering WouldBlock inside
+/// `try_io`, with the bytes kept aside): the next poll then waits for the next event instead
+/// of spending a syscall on a read that would fail.
+pub(super) fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    let r = from.try_io(Interest::READABLE, || {
+        got = rustix::io::read(from, &mut *buf)?;
+        if got > 0 && got < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match r {
+        _ if got > 0 => Ok(got),
+        Ok(()) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Errors after which the same call is simply tried again.
+pub(super) fn retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// A direction's end: passes EOF on when asked. The peer may already be gone; its own
+/// direction reports that.
+fn eof_reached(to: &TcpStream, pass_eof: bool) -> Poll<io::Result<()>> {
+    if pass_eof {
+        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+    }
+    Poll::Ready(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::End;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let a = l.local_addr().expect("addr");
+        let (c, s) = tokio::join!(TcpStream::connect(a), l.accept());
+        (c.expect("connect"), s.expect("accept").0)
+    }
+
+    use crate::relay::{drained, pooled_pipes};
+
+    /// A drain ends a relay at once, whether it comes while bytes flow or while the
+    /// connection is idle, and whichever of the two tokens fires.
+    #[tokio::test]
+    async fn drain_ends_a_relay_busy_or_idle() {
+        for (busy, backend_token) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (mut client, gw_client) = pair().await;
+            let (gw_backend, mut backend) = pair().await;
+            let (listener, per_backend) = (
+                tokio_util::sync::CancellationToken::new(),
+                tokio_util::sync::CancellationToken::new(),
+            );
+            let (l, b) = (listener.clone(), per_backend.clone());
+            let relay = tokio::spawn(async move {
+                super::relay_tcp(
+                    gw_client,
+                    gw_backend,
+                    Duration::from_secs(30),
+                    true,
+                    drained(&l, &b),
+                )
+                .await
+            });
+            client.write_all(b"ping").await.expect("write");
+            let mut m = [0u8; 4];
+            backend.read_exact(&mut m).await.expect("relayed");
+            // Busy: a writer keeps bytes flowing while the token fires. Idle: both ends
+            // stay open and quiet.
+            let mut tasks = Vec::new();
+            let mut quiet = None;
+            if busy {
+                tasks.push(tokio::spawn(async move {
+                    while client.write_all(&[7u8; 1024]).await.is_ok() {}
+                }));
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while backend.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                }));
+            } else {
+                quiet = Some((client, backend));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if backend_token {
+                per_backend.cancel()
+            } else {
+                listener.cancel()
+            }
+            let r = tokio::time::timeout(Duration::from_secs(2), relay)
+                .await
+                .expect("relay ended after the drain")
+                .expect("join");
+            assert_eq!(
+                r.end,
+                End::Drained,
+                "busy {busy}, backend token {backend_token}"
+            );
+            for t in tasks {
+                t.abort();
+            }
+            drop(quiet);
+        }
+    }
+
+    /// The direction switches between copying and splicing as the traffic changes: a bulk
+    /// upload (spliced), small messages both ways (copied), a bulk download, then half-closes;
+    /// every byte arrives in order and the counts and the end are right.
+    #[tokio::test]
+    async fn bulk_small_bulk_and_half_close_through_relay_tcp() {
+        const BULK: usize = 4 << 20;
+        let (client, gw_client) = pair().await;
+        let (gw_backend, backend) = pair().await;
+        let relay = tokio::spawn(super::relay_tcp(
+            gw_client,
+            gw_backend,
+            Duration::from_secs(30),
+            true,
+            std::future::pending::<()>(),
+        ));
+        let (mut cr, mut cw) = client.into_split();
+        let (mut br, mut bw) = backend.into_split();
+        let big: Vec<u8> = (0..BULK).map(|i| (i % 251) as u8).collect();
+        let mut got = vec![0u8; BULK];
+
+        let (w, r) = tokio::join!(cw.write_all(&big), br.read_exact(&mut got));
+        w.expect("upload");
+        r.expect("upload arrives");
+        assert!(got == big, "upload corrupted");
+        assert!(pooled_pipes() > 0, "the bulk upload was not spliced");
+
+        for k in 0..100u8 {
+            let msg = [k; 100];
+            cw.write_all(&msg).await.expect("request");
+            let mut m = [0u8; 100];
+            br.read_exact(&mut m).await.expect("request arrives");
+            assert_eq!(m, msg);
+            bw.write_all(&[k ^ 0xff; 100]).await.expect("answer");
+            cr.read_exact(&mut m).await.expect("answer arrives");
+            assert_eq!(m, [k ^ 0xff; 100]);
+        }
+
+        let (w, r) = tokio::join!(bw.write_all(&big), cr.read_exact(&mut got));
+        w.expect("download");
+        r.expect("download arrives");
+        assert!(got == big, "download corrupted");
+
+        // Client finishes first: the backend sees EOF and can still answer.
+        cw.shutdown().await.expect("client FIN");
+        let mut rest = Vec::new();
+        br.read_to_end(&mut rest).await.expect("backend EOF");
+        assert!(rest.is_empty());
+        bw.write_all(b"bye").await.expect("after half-close");
+        bw.shutdown().await.expect("backend FIN");
+        cr.read_to_end(&mut rest).await.expect("client EOF");
+        assert_eq!(rest, b"bye");
+
+        let r = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("relay ended")
+            .expect("join");
+        assert_eq!(r.end, End::ClientClosed);
+        assert_eq!(r.up, (BULK + 100 * 100) as u64);
+        assert_eq!(r.down, (BULK + 100 * 100 + 3) as u64);
+    }
+
+    /// An idle proxied connection costs its task, and the task is mostly this future.
+    #[tokio::test]
+    async fn an_idle_relay_stays_within_its_budget() {
+        let (c, s) = pair().await;
+        let (t1, t2) = (
+            tokio_util::sync::CancellationToken::new(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let relay = super::relay_tcp(c, s, Duration::from_secs(1), true, drained(&t1, &t2));
+        let size = std::mem::size_of_val(&relay);
+        assert!(
+            size <= super::RELAY_TCP_BUDGET,
+            "the relay future grew to {size} bytes"
+        );
+    }
+}

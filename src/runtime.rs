@@ -1,0 +1,402 @@
+//! What is running: the listening sockets and their accept loops, the listeners' snapshots,
+//! the pools, the health loops and the admin view, and how a reload [`Plan`] is applied.
+//!
+//! `Running` is built once by [`crate::Gateway::start`] (which applies the plan from nothing
+//! to the config) and changed only by [`Running::apply`], in short steps: bind every new
+//! socket first (a failure changes nothing), build the pools (carrying backends over by
+//! address), drain what went away, publish the listeners' new snapshots, stop and start
+//! sockets, restart the health loops, and publish the admin view. Deciding what to do is
+//! [`crate::reload::plan`]'s; loading the file is the reloader's, off the runtime's workers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{ListenerView, View};
+use crate::balance::{Backend, Pool};
+use crate::config::{Config, Mode};
+use crate::listener::AcceptLoop;
+use crate::metrics::Metrics;
+use crate::reload::plan::{plan, Deployed, Plan, SocketKey};
+use crate::reload::ReloadSummary;
+use crate::snapshot::ListenerSnapshot;
+use crate::{health, terminate, StartError};
+
+/// One listening socket.
+struct Socket {
+    key: SocketKey,
+    /// The address actually bound.
+    bound: SocketAddr,
+    /// What its accept loop reads per connection.
+    state: Arc<ArcSwap<ListenerSnapshot>>,
+    /// Stops this socket's accept loop.
+    stop: CancellationToken,
+}
+
+/// What a listener keeps across reloads.
+struct ListenerRt {
+    limit: Arc<Semaphore>,
+    max: u32,
+    drain: CancellationToken,
+}
+
+/// The gateway's running state.
+pub(crate) struct Running {
+    pub(crate) metrics: Arc<Metrics>,
+    /// Parent of every socket's stop token: shutdown stops all accept loops and health.
+    pub(crate) stop: CancellationToken,
+    /// Parent of every listener's and backend's drain token: the shutdown deadline.
+    pub(crate) drain: CancellationToken,
+    /// Connection tasks.
+    pub(crate) tracker: TaskTracker,
+    /// Accept-loop tasks.
+    pub(crate) accepts: TaskTracker,
+    pub(crate) view: Arc<ArcSwap<View>>,
+    pub(crate) config: Config,
+    sockets: Vec<Socket>,
+    listeners: HashMap<String, ListenerRt>,
+    pools: Vec<Arc<Pool>>,
+    /// Backends a reload removed, kept for the admin view while their connections drain.
+    removed: Vec<(String, Arc<Backend>)>,
+    /// Replaced on every reload: the health loops of the previous snapshot end.
+    health_stop: CancellationToken,
+    /// Whether passthrough relays may splice (a gateway option).
+    splice: bool,
+}
+
+impl Running {
+    /// Binds and starts everything of `cfg`.
+    pub(crate) fn start(
+        cfg: Config,
+        metrics: Arc<Metrics>,
+        view: Arc<ArcSwap<View>>,
+        splice: bool,
+    ) -> Result<Self, StartError> {
+        let stop = CancellationToken::new();
+        let mut running = Self {
+            metrics,
+            health_stop: stop.child_token(),
+            stop,
+            drain: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            accepts: TaskTracker::new(),
+            view,
+            config: cfg.clone(),
+            sockets: Vec::new(),
+            listeners: HashMap::new(),
+            pools: Vec::new(),
+            removed: Vec::new(),
+            splice,
+        };
+        let p = plan(&Deployed::default(), &Deployed::of(&cfg));
+        running.apply(cfg, &p, true)?;
+        Ok(running)
+    }
+
+    /// What runs now, as plain data for [`plan`].
+    pub(crate) fn deployed(&self) -> Deployed {
+        let mut d = Deployed::of(&self.config);
+        // The limits in force, which are what a change is measured against.
+        for (name, rt) in &self.listeners {
+            d.listeners.insert(name.clone(), rt.max);
+        }
+        d
+    }
+
+    /// The longest `drain_timeout` of the current pools: the shutdown drain deadline.
+    pub(crate) fn drain_deadline(&self) -> Duration {
+        longest_drain(&self.config)
+    }
+
+    /// Applies a validated config as `plan` says. At start (`initial`) every backend counts
+    /// as healthy until its first check; on reload only carried-over backends keep their state.
+    ///
+    /// # Errors
+    /// A new address could not be bound; nothing changed then.
+    pub(crate) fn apply(
+        &mut self,
+        cfg: Config,
+        plan: &Plan,
+        initial: bool,
+    ) -> Result<ReloadSummary, StartError> {
+        for e in &cfg.expired {
+            tracing::error!("{e} (running anyway: fix before clients notice)");
+        }
+        for w in &cfg.warnings {
+            tracing::warn!("{w}");
+        }
+        let fresh = bind_all(&plan.bind)?;
+        let pools = self.build_pools(&cfg, initial);
+        self.drain_removed_backends(plan);
+        let states = self.listener_snapshots(&cfg, &pools, plan)?;
+        let added = self.switch_sockets(plan, fresh, &states);
+        self.restart_health(&cfg, &pools, &states);
+        self.metrics.set_certificates(&cfg.certificates);
+        self.metrics.set_config_hash(&cfg.hash);
+        self.pools = pools;
+        self.config = cfg;
+        self.publish_view();
+        if initial {
+            for l in &self.view.load().listeners {
+                tracing::info!(listener = %l.name, mode = l.mode.as_str(), pool = %l.pool, addrs = ?l.listen, "listening");
+            }
+        }
+        Ok(summary(plan, added, initial))
+    }
+
+    /// New pools, carrying backends over by address (health, counters, drain token).
+    fn build_pools(&self, cfg: &Config, initial: bool) -> Vec<Arc<Pool>> {
+        cfg.pools
+            .iter()
+            .map(|pc| {
+                let existing = self
+                    .pools
+                    .iter()
+                    .find(|p| p.cfg.name == pc.name)
+                    .map(|p| p.backends.clone())
+                    .unwrap_or_default();
+                Arc::new(Pool::new(
+                    pc.clone(),
+                    &self.metrics,
+                    &existing,
+                    initial,
+                    &self.drain,
+                ))
+            })
+            .collect()
+    }
+
+    /// Removed backends get no new connections (they are in no pool now); their open ones
+    /// are closed after their pool's `drain_timeout`, and the admin view shows them as
+    /// draining until then.
+    fn drain_removed_backends(&mut self, plan: &Plan) {
+        self.removed
+            .retain(|(_, b)| b.active() > 0 && !b.drain.is_cancelled());
+        for r in &plan.backends_removed {
+            let Some(pool) = self.pools.iter().find(|p| p.cfg.name == r.pool) else {
+                continue;
+            };
+            let Some(b) = pool.backends.iter().find(|b| b.addr == r.addr) else {
+                continue;
+            };
+            let (token, wait) = (b.drain.clone(), pool.cfg.drain_timeout);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                token.cancel();
+            });
+            if b.active() > 0 {
+                self.removed.push((r.pool.clone(), b.clone()));
+            }
+        }
+    }
+
+    /// Each listener's snapshot for new connections; permits and the drain token carry over.
+    fn listener_snapshots(
+        &mut self,
+        cfg: &Config,
+        pools: &[Arc<Pool>],
+        plan: &Plan,
+    ) -> Result<HashMap<String, Arc<ListenerSnapshot>>, StartError> {
+        let mut states = HashMap::new();
+        for l in &cfg.listeners {
+            let Some(pool) = pools.iter().find(|p| p.cfg.name == l.pool).cloned() else {
+                return Err(StartError::UnknownPool(l.name.clone()));
+            };
+            let rt = self
+                .listeners
+                .entry(l.name.clone())
+                .or_insert_with(|| ListenerRt {
+                    limit: Arc::new(Semaphore::new(l.max_connections as usize)),
+                    max: l.max_connections,
+                    drain: self.drain.child_token(),
+                });
+            if plan.limits.iter().any(|(n, ..)| *n == l.name) {
+                set_limit(rt, l.max_connections);
+            }
+            states.insert(
+                l.name.clone(),
+                Arc::new(ListenerSnapshot {
+                    cfg: l.clone(),
+                    pool,
+                    metrics: self.metrics.listener(&l.name),
+                    limit: rt.limit.clone(),
+                    drain: rt.drain.clone(),
+                    splice: self.splice,
+                }),
+            );
+        }
+        let longest = longest_drain(cfg);
+        for name in &plan.listeners_removed {
+            if let Some(rt) = self.listeners.remove(name) {
+                tokio::spawn(async move {
+                    tokio::time::sleep(longest).await;
+                    rt.drain.cancel();
+                });
+            }
+        }
+        Ok(states)
+    }
+
+    /// Stops the sockets the plan drops, re-points the kept ones and starts accept loops on
+    /// the new ones. Returns the addresses newly bound.
+    fn switch_sockets(
+        &mut self,
+        plan: &Plan,
+        fresh: Vec<(SocketKey, String, TcpListener)>,
+        states: &HashMap<String, Arc<ListenerSnapshot>>,
+    ) -> Vec<SocketAddr> {
+        self.sockets.retain(|s| {
+            let stopped = plan.stop.contains(&s.key);
+            if stopped {
+                s.stop.cancel();
+            }
+            !stopped
+        });
+        for (key, name) in &plan.keep {
+            if let (Some(s), Some(state)) = (
+                self.sockets.iter().find(|s| s.key == *key),
+                states.get(name),
+            ) {
+                s.state.store(state.clone());
+            }
+        }
+        let mut added = Vec::new();
+        for (key, name, socket) in fresh {
+            let Some(state) = states.get(&name) else {
+                continue;
+            };
+            let bound = socket.local_addr().unwrap_or(key.addr);
+            added.push(bound);
+            let state = Arc::new(ArcSwap::new(state.clone()));
+            let stop = self.stop.child_token();
+            self.accepts.spawn(
+                AcceptLoop {
+                    listener: socket,
+                    state: state.clone(),
+                    stop: stop.clone(),
+                    tracker: self.tracker.clone(),
+                }
+                .run(),
+            );
+            self.sockets.push(Socket {
+                key,
+                bound,
+                state,
+                stop,
+            });
+        }
+        added
+    }
+
+    /// The previous health loops end; carried-over backends keep their state and are next
+    /// checked after an interval, new ones at once.
+    fn restart_health(
+        &mut self,
+        cfg: &Config,
+        pools: &[Arc<Pool>],
+        states: &HashMap<String, Arc<ListenerSnapshot>>,
+    ) {
+        self.health_stop.cancel();
+        self.health_stop = self.stop.child_token();
+        for p in pools {
+            health::probe::spawn(p, &self.health_stop);
+        }
+        for l in cfg.listeners.iter().filter(|l| l.mode == Mode::Terminate) {
+            if let Some(state) = states.get(&l.name) {
+                tokio::spawn(terminate::report_errors(
+                    state.clone(),
+                    self.health_stop.clone(),
+                ));
+            }
+        }
+    }
+
+    /// Publishes the admin view of what runs now (keeping the last reload's outcome).
+    fn publish_view(&self) {
+        let last_reload = self.view.load().last_reload.clone();
+        let bound = |a: SocketAddr, l: &str| {
+            let key = SocketKey::new(a, l);
+            self.sockets.iter().find(|s| s.key == key).map(|s| s.bound)
+        };
+        self.view.store(Arc::new(View {
+            listeners: self
+                .config
+                .listeners
+                .iter()
+                .map(|l| ListenerView {
+                    name: l.name.clone(),
+                    mode: l.mode,
+                    listen: l.listen.iter().filter_map(|a| bound(*a, &l.name)).collect(),
+                    pool: l.pool.clone(),
+                    active: self.metrics.listener(&l.name).active,
+                })
+                .collect(),
+            pools: self.pools.clone(),
+            draining: self.removed.clone(),
+            certificates: self.config.certificates.clone(),
+            loaded_at: SystemTime::now(),
+            last_reload,
+        }));
+    }
+}
+
+/// Binds every socket of the plan, or none.
+fn bind_all(
+    wanted: &[(SocketKey, String)],
+) -> Result<Vec<(SocketKey, String, TcpListener)>, StartError> {
+    wanted
+        .iter()
+        .map(|(key, listener)| {
+            crate::net::bind(key.addr)
+                .map(|socket| (key.clone(), listener.clone(), socket))
+                .map_err(|source| StartError::Bind {
+                    listener: listener.clone(),
+                    addr: key.addr,
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// Moves a listener's limit. Only free permits can be taken back; connections over a lowered
+/// limit finish normally and their permits are then forgotten as they return.
+fn set_limit(rt: &mut ListenerRt, max: u32) {
+    if max > rt.max {
+        rt.limit.add_permits((max - rt.max) as usize);
+    } else {
+        rt.limit.forget_permits((rt.max - max) as usize);
+    }
+    rt.max = max;
+}
+
+fn longest_drain(cfg: &Config) -> Duration {
+    cfg.pools
+        .iter()
+        .map(|p| p.drain_timeout)
+        .max()
+        .unwrap_or(Duration::ZERO)
+}
+
+/// The reload log line's facts, read off the plan (nothing is "added" at start-up).
+fn summary(plan: &Plan, addresses_added: Vec<SocketAddr>, initial: bool) -> ReloadSummary {
+    if initial {
+        return ReloadSummary::default();
+    }
+    let backend = |b: &crate::reload::plan::BackendRef| format!("{}/{}", b.pool, b.address);
+    ReloadSummary {
+        listeners_added: plan.listeners_added.clone(),
+        listeners_removed: plan.listeners_removed.clone(),
+        addresses_added,
+        addresses_removed: plan.stop.iter().map(|k| k.addr).collect(),
+        backends_added: plan.backends_added.iter().map(backend).collect(),
+        backends_removed: plan.backends_removed.iter().map(backend).collect(),
+        certificates_replaced: plan.certificates_replaced.clone(),
+    }
+}

@@ -1,0 +1,104 @@
+//! What a listener's connections run with, as of one snapshot, and the access log they
+//! write at their end.
+//!
+//! The accept loop loads one `Arc<ListenerSnapshot>` per connection (`ArcSwap::load_full`) and
+//! the connection keeps it for its whole life, so a reload affects new connections only. The
+//! snapshot is the one noun every data-path module shares (forward, terminate, listener):
+//! it holds the listener's settings, its pool, its pre-resolved metric handles, its
+//! admission permits and its drain token, and nothing here does I/O.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::{Backend, Pool};
+use crate::close::{End, Relayed};
+use crate::config::ListenerConfig;
+use crate::connect::ConnectError;
+use crate::metrics::ListenerMetrics;
+
+/// What a listener's connections need, as of one snapshot.
+#[derive(Debug)]
+pub(crate) struct ListenerSnapshot {
+    /// The listener's settings.
+    pub(crate) cfg: ListenerConfig,
+    /// The pool it forwards to.
+    pub(crate) pool: Arc<Pool>,
+    /// Its metric handles.
+    pub(crate) metrics: ListenerMetrics,
+    /// Permits for `max_connections`, shared by all addresses of the listener and kept
+    /// across reloads (open connections hold permits).
+    pub(crate) limit: Arc<Semaphore>,
+    /// Cancelled when the listener's connections must end: at the shutdown deadline, or
+    /// after a reload removed the listener and the drain time passed.
+    pub(crate) drain: CancellationToken,
+    /// Whether passthrough relays may switch to splice(2) for bulk bytes (a gateway option;
+    /// off only to exercise the copy path).
+    pub(crate) splice: bool,
+}
+
+impl ListenerSnapshot {
+    /// The access-log line of a client that never reached a backend, and its counter.
+    pub(crate) fn log_connect_failed(
+        &self,
+        client: SocketAddr,
+        started: Instant,
+        error: &ConnectError,
+    ) {
+        match error.cause() {
+            Some(crate::metrics::CAUSE_CLIENT) => self.metrics.connect_client.inc(),
+            Some(_) => self.metrics.connect_local.inc(),
+            None => self.metrics.rejected_no_backend.inc(),
+        }
+        tracing::info!(
+            target: "apilb::access",
+            listener = %self.cfg.name,
+            client = %client,
+            backend = "-",
+            duration_ms = duration_ms(started),
+            bytes_up = 0u64,
+            bytes_down = 0u64,
+            end = %End::ConnectFailed,
+            error = %error,
+            "connection closed"
+        );
+    }
+
+    /// The access-log line of a proxied connection, and its byte counters.
+    pub(crate) fn log_close(
+        &self,
+        client: SocketAddr,
+        backend: &Backend,
+        started: Instant,
+        r: &Relayed,
+    ) {
+        backend.metrics.bytes_up.inc_by(r.up);
+        backend.metrics.bytes_down.inc_by(r.down);
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(i) = End::PROXIED.iter().position(|e| *e == r.end) {
+            self.metrics.closed[i].inc();
+        }
+        let error = r.error.as_ref().map(ToString::to_string);
+        tracing::info!(
+            target: "apilb::access",
+            listener = %self.cfg.name,
+            client = %client,
+            backend = %backend.name,
+            duration_ms = duration_ms(started),
+            bytes_up = r.up,
+            bytes_down = r.down,
+            end = %r.end,
+            error = error.as_deref(),
+            "connection closed"
+        );
+    }
+}
+
+fn duration_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
