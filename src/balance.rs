@@ -161,20 +161,26 @@ pub(crate) struct Pool {
     pub fail_open: IntCounter,
     /// Set while all backends are down and the warning for this episode was logged.
     all_down_warned: AtomicBool,
+    /// TLS sessions of terminate listeners' backend connections, per backend address.
+    pub(crate) sessions: Arc<crate::tls::SessionStores>,
 }
 
 impl Pool {
-    /// Builds a pool from its config. A backend of `existing` with the same address is the
-    /// same backend (SPEC §3, Hot reload): reused as is, or, if its name or weight changed,
-    /// rebuilt around the same health state and drain token. Other backends are new and start
-    /// `healthy_at_first` (see [`Backend::new`]); their drain tokens are children of `drain`.
+    /// Builds a pool from its config. A backend of the `previous` pool of that name with the
+    /// same address is the same backend (SPEC §3, Hot reload): reused as is, or, if its name
+    /// or weight changed, rebuilt around the same health state and drain token. Other
+    /// backends are new and start `healthy_at_first` (see [`Backend::new`]); their drain
+    /// tokens are children of `drain`. The backends' TLS sessions carry over too: they are
+    /// live state, which a validated config does not hold.
     pub(crate) fn new(
         cfg: Arc<PoolConfig>,
         metrics: &Metrics,
-        existing: &[Arc<Backend>],
+        previous: Option<&Self>,
         healthy_at_first: bool,
         drain: &CancellationToken,
     ) -> Self {
+        let existing: &[Arc<Backend>] = previous.map_or(&[], |p| &p.backends);
+        let sessions = previous.map_or_else(Arc::default, |p| p.sessions.clone());
         let backends: Vec<Arc<Backend>> = cfg
             .backends
             .iter()
@@ -188,6 +194,7 @@ impl Pool {
         Self {
             fail_open: metrics.pool_fail_open(&cfg.name),
             cfg,
+            sessions,
             backends,
             cursor: AtomicUsize::new(0),
             total_weight,
@@ -452,7 +459,7 @@ mod tests {
         Pool::new(
             Arc::new(cfg),
             &Metrics::new(),
-            &[],
+            None,
             true,
             &CancellationToken::new(),
         )
@@ -582,7 +589,7 @@ mod tests {
         let p2 = Pool::new(
             p1.cfg.clone(),
             &metrics,
-            &p1.backends,
+            Some(&p1),
             false,
             &CancellationToken::new(),
         );
@@ -594,7 +601,7 @@ mod tests {
         let p3 = Pool::new(
             Arc::new(cfg),
             &metrics,
-            &p2.backends,
+            Some(&p2),
             false,
             &CancellationToken::new(),
         );

@@ -160,7 +160,13 @@ mod tests {
         .expect("config");
         let metrics = crate::metrics::Metrics::new();
         let drain = CancellationToken::new();
-        let pool = Arc::new(Pool::new(cfg.pools[0].clone(), &metrics, &[], true, &drain));
+        let pool = Arc::new(Pool::new(
+            cfg.pools[0].clone(),
+            &metrics,
+            None,
+            true,
+            &drain,
+        ));
         let limit = Arc::new(Semaphore::new(1));
         let state = Arc::new(ListenerSnapshot {
             cfg: cfg.listeners[0].clone(),

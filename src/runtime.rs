@@ -151,21 +151,17 @@ impl Running {
         Ok(summary(plan, added, initial))
     }
 
-    /// New pools, carrying backends over by address (health, counters, drain token).
+    /// New pools, carrying backends over by address (health, counters, drain token, TLS
+    /// sessions).
     fn build_pools(&self, cfg: &Config, initial: bool) -> Vec<Arc<Pool>> {
         cfg.pools
             .iter()
             .map(|pc| {
-                let existing = self
-                    .pools
-                    .iter()
-                    .find(|p| p.cfg.name == pc.name)
-                    .map(|p| p.backends.clone())
-                    .unwrap_or_default();
+                let previous = self.pools.iter().find(|p| p.cfg.name == pc.name);
                 Arc::new(Pool::new(
                     pc.clone(),
                     &self.metrics,
-                    &existing,
+                    previous.map(AsRef::as_ref),
                     initial,
                     &self.drain,
                 ))

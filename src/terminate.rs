@@ -168,8 +168,7 @@ async fn backend_tls(
     };
     let mut config = (*pool_tls.client).clone();
     config.alpn_protocols = alpn.to_vec();
-    config.resumption =
-        rustls::client::Resumption::store(pool_tls.sessions.for_backend(backend.addr));
+    config.resumption = rustls::client::Resumption::store(pool.sessions.for_backend(backend.addr));
     let name = pool.server_name(&backend);
     match TlsConnector::from(Arc::new(config))
         .connect(name.clone(), ReadAhead::new(tcp))

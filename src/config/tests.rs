@@ -1,3 +1,4 @@
+use super::validate::line_col;
 use super::*;
 
 const GOOD: &str = r#"
@@ -341,4 +342,82 @@ fn every_problem_is_reported_at_once() {
 fn line_col_counts_from_one() {
     assert_eq!(line_col("ab\ncd", 0), (1, 1));
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
+}
+
+#[test]
+fn durations_beyond_ten_years_are_refused_at_load() {
+    // Added to an Instant on every connection, this used to overflow in the data path.
+    let text = GOOD.replace("idle_timeout = \"2h\"", "idle_timeout = \"300000000000y\"");
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "listener[0].idle_timeout" && e.message.contains("too long")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn a_health_path_must_be_a_request_path() {
+    let text = GOOD.replace(
+        "drain_timeout = \"10s\"",
+        "drain_timeout = \"10s\"\n  [pool.health]\n  path = \"/ready z\"",
+    );
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "pool[0].health.path" && e.message.contains("percent-encoded")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn every_choice_lists_its_values_when_misspelt() {
+    for (from, to, needle) in [
+        ("balance = \"round-robin\"", "balance = \"fastest\"", "unknown balance \"fastest\": expected \"least-conn\", \"round-robin\" or \"random-two\""),
+        ("when_all_down = \"reject\"", "when_all_down = \"panic\"", "unknown value \"panic\": expected \"fail-open\" or \"reject\""),
+        ("max_connections = 10", "max_connections = 10\nmode = \"proxy\"", "unknown mode \"proxy\": expected \"passthrough\" or \"terminate\""),
+    ] {
+        let errs = errors(&GOOD.replace(from, to));
+        assert!(errs.iter().any(|e| e.message == needle), "{needle}: {errs:#?}");
+    }
+    for (name, value) in Balance::CHOICES {
+        assert_eq!(value.as_str(), *name);
+    }
+}
+
+#[test]
+fn the_config_hash_is_a_stable_digest_of_the_text() {
+    let a = parse(Path::new("t.toml"), GOOD).expect("valid");
+    let b = parse(Path::new("other.toml"), GOOD).expect("valid");
+    assert_eq!(a.hash, b.hash);
+    assert_eq!(a.hash.len(), 16);
+    // The SHA-256 of the text: the same value on every build and toolchain.
+    let d = ring::digest::digest(&ring::digest::SHA256, GOOD.as_bytes());
+    let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(a.hash, hex);
+    let c = parse(Path::new("t.toml"), &GOOD.replace("2h", "3h")).expect("valid");
+    assert_ne!(a.hash, c.hash);
+}
+
+#[test]
+fn a_health_client_cert_with_a_tcp_check_is_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = crate::demo::pki::Pki::generate().expect("pki");
+    let files = pki.write_to(dir.path()).expect("write");
+    let text = GOOD.replace(
+        "drain_timeout = \"10s\"",
+        &format!(
+            "drain_timeout = \"10s\"\n  [pool.health]\n  check = \"tcp\"\n  client_cert = \"{}\"\n  client_key = \"{}\"",
+            files.admin_cert.display(),
+            files.admin_key.display()
+        ),
+    );
+    let c = parse(Path::new("t.toml"), &text).expect("a warning, not an error");
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.key == "pool[0].health.client_cert" && w.message.contains("unused")),
+        "{:#?}",
+        c.warnings
+    );
 }

@@ -1,0 +1,104 @@
+//! The file layer: structs that mirror the TOML exactly, with spans for error positions and
+//! `deny_unknown_fields`, so a misspelt key is an error that names it.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    pub(super) admin: Option<Spanned<FileAdmin>>,
+    #[serde(default)]
+    pub(super) pool: Vec<Spanned<FilePool>>,
+    #[serde(default)]
+    pub(super) listener: Vec<Spanned<FileListener>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileAdmin {
+    pub(super) listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FilePool {
+    pub(super) name: Spanned<String>,
+    pub(super) balance: Option<Spanned<String>>,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) connect_attempts: Option<Spanned<i64>>,
+    pub(super) when_all_down: Option<Spanned<String>>,
+    pub(super) drain_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) backend: Vec<Spanned<FileBackend>>,
+    pub(super) slow_start: Option<Spanned<String>>,
+    pub(super) health: Option<Spanned<FileHealth>>,
+    pub(super) tls: Option<Spanned<FilePoolTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileHealth {
+    pub(super) check: Option<Spanned<String>>,
+    pub(super) path: Option<Spanned<String>>,
+    pub(super) expect_status: Option<Spanned<Vec<i64>>>,
+    pub(super) interval: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) rise: Option<Spanned<i64>>,
+    pub(super) fall: Option<Spanned<i64>>,
+    pub(super) client_cert: Option<Spanned<String>>,
+    pub(super) client_key: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FilePoolTls {
+    pub(super) ca: Spanned<String>,
+    pub(super) server_name: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileBackend {
+    pub(super) address: Spanned<String>,
+    pub(super) name: Option<Spanned<String>>,
+    pub(super) weight: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileListener {
+    pub(super) name: Spanned<String>,
+    pub(super) listen: Spanned<OneOrMany>,
+    pub(super) mode: Option<Spanned<String>>,
+    pub(super) pool: Spanned<String>,
+    pub(super) idle_timeout: Option<Spanned<String>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) tls: Option<Spanned<FileListenerTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileListenerTls {
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
+    pub(super) handshake_timeout: Option<Spanned<String>>,
+    pub(super) alpn: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub(super) sni: Vec<Spanned<FileSni>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileSni {
+    pub(super) names: Spanned<Vec<String>>,
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
+}

@@ -1,0 +1,206 @@
+//! `[[listener]]` and `[listener.tls]`: names and addresses unique, the pool known (with
+//! `[pool.tls]` for terminate), the mode's own settings, and the serving certificates.
+
+use std::sync::Arc;
+
+use toml::Spanned;
+
+use super::defaults;
+use super::file::{FileListener, FileListenerTls, OneOrMany};
+use super::validate::{Seen, Validator};
+use super::{ListenerConfig, ListenerTlsConfig, Mode};
+
+impl Validator<'_> {
+    /// Validates listener `i` against what earlier sections and listeners took.
+    pub(super) fn listener(
+        &mut self,
+        i: usize,
+        l: FileListener,
+        seen: &mut Seen,
+    ) -> ListenerConfig {
+        let name = l.name.get_ref().trim().to_string();
+        self.scope = format!("listener/{name}");
+        if name.is_empty() {
+            self.error(
+                l.name.span(),
+                format!("listener[{i}].name"),
+                "expected a non-empty name",
+            );
+        } else if !seen.listeners.insert(name.clone()) {
+            self.error(
+                l.name.span(),
+                format!("listener[{i}].name"),
+                format!("duplicate listener name {name:?}: listener names must be unique"),
+            );
+        }
+        let key = format!("listener[{i}].listen");
+        let list = match l.listen.get_ref() {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        };
+        if list.is_empty() {
+            self.error(l.listen.span(), &key, "expected at least one address");
+        }
+        let mut listen = Vec::new();
+        for s in &list {
+            if let Some(a) = self.listen_addr(s, l.listen.span(), &key) {
+                // Port 0 means "any free port" and can never collide.
+                if a.port() != 0 {
+                    if let Some(other) = seen.addrs.insert(a, name.clone()) {
+                        self.error(
+                            l.listen.span(),
+                            &key,
+                            format!("address {a} is already used by {other:?}: every listener (and the admin server) needs its own address"),
+                        );
+                    }
+                }
+                listen.push(a);
+            }
+        }
+        let mode = self.choice(
+            l.mode.as_ref(),
+            &format!("listener[{i}].mode"),
+            Mode::Passthrough,
+        );
+        let tls = match (mode, l.tls) {
+            (Mode::Terminate, Some(t)) => self.listener_tls(i, t),
+            (Mode::Terminate, None) => {
+                let span = l.mode.as_ref().map_or(l.name.span(), Spanned::span);
+                self.error(
+                    span,
+                    format!("listener[{i}].tls"),
+                    "mode = \"terminate\" needs [listener.tls] with cert and key",
+                );
+                None
+            }
+            (Mode::Passthrough, Some(t)) => {
+                self.error(t.span(), format!("listener[{i}].tls"), "[listener.tls] is only for mode = \"terminate\": a passthrough listener never sees TLS");
+                None
+            }
+            (Mode::Passthrough, None) => None,
+        };
+        if mode == Mode::Terminate
+            && seen.pools.contains_key(l.pool.get_ref())
+            && !seen.pools_with_tls.contains(l.pool.get_ref())
+        {
+            self.error(l.pool.span(), format!("listener[{i}].pool"), format!(
+                "a terminate listener opens its own TLS connections to the backends, so pool {:?} needs [pool.tls] with the CA that signed them",
+                l.pool.get_ref()
+            ));
+        }
+        let pool = l.pool.get_ref().clone();
+        if !seen.pools.contains_key(&pool) {
+            let known: Vec<&str> = seen.pools.keys().map(String::as_str).collect();
+            self.error(
+                l.pool.span(),
+                format!("listener[{i}].pool"),
+                format!("unknown pool {pool:?}: expected one of the [[pool]] names {known:?}"),
+            );
+        }
+        let idle_timeout = self.duration(
+            l.idle_timeout.as_ref(),
+            &format!("listener[{i}].idle_timeout"),
+            defaults::IDLE_TIMEOUT,
+        );
+        if idle_timeout < defaults::SHORT_IDLE {
+            if let Some(v) = &l.idle_timeout {
+                self.warn(
+                    v.span(),
+                    format!("listener[{i}].idle_timeout"),
+                    format!(
+                        "idle_timeout {} is under 5 minutes: quiet watches and `kubectl logs -f` will be cut",
+                        humantime::format_duration(idle_timeout)
+                    ),
+                );
+            }
+        }
+        let max_connections = self.int_in(
+            l.max_connections.as_ref(),
+            &format!("listener[{i}].max_connections"),
+            1..=10_000_000,
+            defaults::MAX_CONNECTIONS,
+        );
+        ListenerConfig {
+            name,
+            listen,
+            mode,
+            pool,
+            idle_timeout,
+            max_connections,
+            tls,
+        }
+    }
+
+    /// `[listener.tls]` of listener `i`.
+    fn listener_tls(&mut self, i: usize, t: Spanned<FileListenerTls>) -> Option<ListenerTlsConfig> {
+        let t = t.into_inner();
+        let k = |key: &str| format!("listener[{i}].tls.{key}");
+        let handshake_timeout = self.duration(
+            t.handshake_timeout.as_ref(),
+            &k("handshake_timeout"),
+            defaults::HANDSHAKE_TIMEOUT,
+        );
+        let alpn = t.alpn.as_ref().map(|a| {
+            for p in a.get_ref() {
+                if p != "h2" && p != "http/1.1" {
+                    self.error(
+                        a.span(),
+                        k("alpn"),
+                        format!("unknown protocol {p:?}: expected \"h2\" and/or \"http/1.1\""),
+                    );
+                }
+            }
+            if a.get_ref().is_empty() {
+                self.error(
+                    a.span(),
+                    k("alpn"),
+                    "expected at least one protocol; leave alpn out to accept any",
+                );
+            }
+            a.get_ref().clone()
+        });
+        let source = format!("{}/cert", self.scope);
+        let default = self.certified_key(&t.cert, &t.key, &k("cert"), &k("key"), &source);
+        let mut by_name = Vec::new();
+        for (j, sni) in t.sni.iter().enumerate() {
+            let sni = sni.get_ref();
+            let sk = |key: &str| format!("listener[{i}].tls.sni[{j}].{key}");
+            if sni.names.get_ref().is_empty() {
+                self.error(sni.names.span(), sk("names"), "expected at least one name");
+            }
+            let source = format!("{}/sni/{j}/cert", self.scope);
+            if let Some(ck) =
+                self.certified_key(&sni.cert, &sni.key, &sk("cert"), &sk("key"), &source)
+            {
+                for n in sni.names.get_ref() {
+                    let covered = ck
+                        .cert
+                        .first()
+                        .is_some_and(|c| crate::tls::covers(c.as_ref(), n.trim()));
+                    if !covered {
+                        self.warn(
+                            sni.names.span(),
+                            sk("names"),
+                            format!("{n:?} is not among the certificate's names (SANs): clients asking for it will reject the handshake"),
+                        );
+                    }
+                    by_name.push((n.trim().to_ascii_lowercase(), ck.clone()));
+                }
+            }
+        }
+        let certs = Arc::new(crate::tls::SniResolver::new(default?, by_name));
+        let server = match crate::tls::TerminateServer::new(certs.clone()) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                self.error(t.cert.span(), k("cert"), e.to_string());
+                return None;
+            }
+        };
+        Some(ListenerTlsConfig {
+            handshake_timeout,
+            alpn,
+            certs,
+            server,
+        })
+    }
+}
