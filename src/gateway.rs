@@ -19,26 +19,7 @@ use crate::health::Status;
 use crate::metrics::Metrics;
 use crate::phase::{Lifecycle, Phase, ShutdownReport};
 use crate::reload::Reloader;
-use crate::runtime::Running;
-
-/// Failure to start the gateway.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// A listening address could not be bound.
-    #[error("listener {listener:?}: cannot listen on {addr}: {source}")]
-    Bind {
-        /// The listener's name.
-        listener: String,
-        /// The address from the config.
-        addr: SocketAddr,
-        /// The socket error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config names a pool that it does not define (`config::load` rules this out).
-    #[error("listener {0:?} refers to an unknown pool")]
-    UnknownPool(String),
-}
+use crate::runtime::{Running, StartError};
 
 /// A task of the gateway ended abnormally.
 #[derive(Debug, thiserror::Error)]

@@ -57,7 +57,8 @@ mod terminate;
 pub mod tls;
 
 pub use close::{End, Relayed};
-pub use gateway::{BoundListener, Gateway, GatewayError, GatewayOptions, Handle, StartError};
+pub use gateway::{BoundListener, Gateway, GatewayError, GatewayOptions, Handle};
 pub use metrics::Metrics;
 pub use phase::{Phase, ShutdownReport};
 pub use reload::{ReloadError, ReloadSummary, Reloader};
+pub use runtime::StartError;

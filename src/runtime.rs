@@ -24,10 +24,28 @@ use crate::balance::{Backend, Pool};
 use crate::config::{Config, Mode};
 use crate::listener::AcceptLoop;
 use crate::metrics::Metrics;
-use crate::reload::plan::{plan, Deployed, Plan, SocketKey};
-use crate::reload::ReloadSummary;
+use crate::reload::plan::{plan, Deployed, Plan, ReloadSummary, SocketKey};
 use crate::snapshot::ListenerSnapshot;
-use crate::{health, terminate, StartError};
+use crate::{health, terminate};
+
+/// Failure to start the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listening address could not be bound.
+    #[error("listener {listener:?}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The listener's name.
+        listener: String,
+        /// The address from the config.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config names a pool that it does not define (`config::load` rules this out).
+    #[error("listener {0:?} refers to an unknown pool")]
+    UnknownPool(String),
+}
 
 /// One listening socket.
 struct Socket {

@@ -1,7 +1,7 @@
 //! `/api/status`: the admin [`View`] as JSON, in the shape of SPEC §4 (with a few more
 //! fields).
 
-use super::{rfc3339, unix_rfc3339, View};
+use super::view::{rfc3339, unix_rfc3339, View};
 use crate::balance::Backend;
 use crate::phase::Phase;
 

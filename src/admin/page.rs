@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use super::{not_ready, unix_rfc3339, View};
+use super::view::{not_ready, unix_rfc3339, View};
 use crate::balance::Backend;
 use crate::health::State;
 use crate::phase::Phase;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::FilePoolTls;
+use super::types::{CertificateInfo, ConfigError, PoolTlsConfig};
 use super::validate::{line_col, Validator};
-use super::{CertificateInfo, ConfigError, PoolTlsConfig};
 
 impl Validator<'_> {
     /// A serving certificate chain and key, checked to match.

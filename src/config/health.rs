@@ -4,8 +4,8 @@
 use toml::Spanned;
 
 use super::file::FileHealth;
+use super::types::{CheckKind, HealthConfig, PoolTlsConfig};
 use super::validate::Validator;
-use super::{CheckKind, HealthConfig, PoolTlsConfig};
 
 impl Validator<'_> {
     pub(super) fn health(

@@ -7,8 +7,8 @@ use toml::Spanned;
 
 use super::defaults;
 use super::file::{FileListener, FileListenerTls, OneOrMany};
+use super::types::{ListenerConfig, ListenerTlsConfig, Mode};
 use super::validate::{Seen, Validator};
-use super::{ListenerConfig, ListenerTlsConfig, Mode};
 
 impl Validator<'_> {
     /// Validates listener `i` against what earlier sections and listeners took.

@@ -11,8 +11,8 @@ use toml::Spanned;
 
 use super::defaults;
 use super::file::FilePool;
-use super::validate::Validator;
-use super::{BackendConfig, Balance, PoolConfig, WhenAllDown};
+use super::types::{BackendConfig, Balance, PoolConfig, WhenAllDown};
+use super::validate::{port_hint, Validator};
 
 impl Validator<'_> {
     /// Validates one pool; returns it with the span of its name (for duplicate checks).
@@ -158,17 +158,5 @@ impl Validator<'_> {
                 None
             }
         }
-    }
-}
-
-/// Explains a bad or missing port, the most common address typo.
-pub(super) fn port_hint(s: &str) -> Option<&'static str> {
-    let Some((_, port)) = s.rsplit_once(':') else {
-        return Some("expected IP:port or host:port (the port is missing)");
-    };
-    match port.parse::<u64>() {
-        Ok(p) if p > 65_535 => Some("port out of range: expected 1 to 65535"),
-        Ok(_) => None,
-        Err(_) => Some("the port is not a number: expected 1 to 65535"),
     }
 }

@@ -1,3 +1,6 @@
+use std::time::Duration;
+
+use super::types::Choice;
 use super::validate::line_col;
 use super::*;
 

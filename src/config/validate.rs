@@ -12,28 +12,11 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::FileConfig;
-use super::{AdminConfig, CertificateInfo, Config, ConfigError, ConfigErrors};
+use super::types::{AdminConfig, CertificateInfo, Choice, Config, ConfigError, ConfigErrors};
 
 /// The longest duration any setting may have (about 10 years). Every duration is added to
 /// an `Instant` somewhere on the data path; this keeps that sum far from overflowing.
 pub(super) const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-/// A string setting with a fixed set of values: one table gives the names, the parser and
-/// `as_str`.
-pub(crate) trait Choice: Copy + PartialEq + 'static {
-    /// What the setting is called in the error message ("unknown balance ...").
-    const WHAT: &'static str;
-    /// Every name and its value, the default first by convention.
-    const CHOICES: &'static [(&'static str, Self)];
-
-    /// The name of `self` in the config file.
-    fn name(self) -> &'static str {
-        Self::CHOICES
-            .iter()
-            .find(|(_, c)| *c == self)
-            .map_or("", |(n, _)| n)
-    }
-}
 
 /// 1-based line and column of a byte offset.
 pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -205,7 +188,7 @@ impl<'a> Validator<'a> {
         match s.trim().parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                let hint = super::pool::port_hint(s).unwrap_or(
+                let hint = port_hint(s).unwrap_or(
                     "expected IP:port, like \"0.0.0.0:6443\" or \"[::]:6443\" (host names are not allowed here)",
                 );
                 self.error(span, key, format!("invalid listen address {s:?}: {hint}"));
@@ -360,4 +343,16 @@ pub(super) struct Seen {
 fn digest(text: &str) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Explains a bad or missing port, the most common address typo.
+pub(super) fn port_hint(s: &str) -> Option<&'static str> {
+    let Some((_, port)) = s.rsplit_once(':') else {
+        return Some("expected IP:port or host:port (the port is missing)");
+    };
+    match port.parse::<u64>() {
+        Ok(p) if p > 65_535 => Some("port out of range: expected 1 to 65535"),
+        Ok(_) => None,
+        Err(_) => Some("the port is not a number: expected 1 to 65535"),
+    }
 }

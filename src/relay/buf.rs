@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::tcp::{read_draining, retry};
+use tokio::io::Interest;
 
 /// Size of one relay buffer: large enough that bulk transfers move in few syscalls.
 pub(super) const BUF_SIZE: usize = 64 * 1024;
@@ -127,4 +127,33 @@ impl AsyncWrite for ReadAhead {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
+}
+
+/// One read from a socket tokio saw readable. A read shorter than `buf` leaves the socket
+/// drained, so tokio is told to forget the readiness (by answering WouldBlock inside
+/// `try_io`, with the bytes kept aside): the next poll then waits for the next event instead
+/// of spending a syscall on a read that would fail.
+pub(super) fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    let r = from.try_io(Interest::READABLE, || {
+        got = rustix::io::read(from, &mut *buf)?;
+        if got > 0 && got < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match r {
+        _ if got > 0 => Ok(got),
+        Ok(()) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Errors after which the same call is simply tried again.
+pub(super) fn retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }

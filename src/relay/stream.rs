@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::buf::BufPool;
-use super::{Clock, Ends, Watched};
+use super::rules::{Clock, Ends, Watched};
 use crate::close::{End, Relayed};
 
 /// Relays bytes both ways between two byte streams until both directions are done, an error

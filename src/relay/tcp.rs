@@ -15,10 +15,10 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::buf::BufPool;
+use super::buf::{read_draining, retry, BufPool};
+use super::rules::{Clock, Ends, Watched};
 #[cfg(target_os = "linux")]
 use super::splice;
-use super::{Clock, Ends, Watched};
 use crate::close::{End, Relayed};
 
 /// The most an idle relay future may take: it is most of an idle watch's memory (1.9 KiB RSS
@@ -268,35 +268,6 @@ impl Flow {
         }
         Poll::Ready(Ok(()))
     }
-}
-
-/// One read from a socket tokio saw readable. A read shorter than `buf` leaves the socket
-/// drained, so tokio is told to forget the readiness (by answering WouldBlock inside
-/// `try_io`, with the bytes kept aside): the next poll then waits for the next event instead
-/// of spending a syscall on a read that would fail.
-pub(super) fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    let r = from.try_io(Interest::READABLE, || {
-        got = rustix::io::read(from, &mut *buf)?;
-        if got > 0 && got < buf.len() {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(())
-        }
-    });
-    match r {
-        _ if got > 0 => Ok(got),
-        Ok(()) => Ok(0),
-        Err(e) => Err(e),
-    }
-}
-
-/// Errors after which the same call is simply tried again.
-pub(super) fn retry(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
 }
 
 /// A direction's end: passes EOF on when asked. The peer may already be gone; its own

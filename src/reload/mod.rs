@@ -10,7 +10,6 @@
 pub(crate) mod plan;
 pub(crate) mod watch;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -20,27 +19,9 @@ use tokio::sync::Mutex;
 use crate::admin::{ReloadOutcome, View};
 use crate::config::{Config, ConfigErrors};
 use crate::phase::{Lifecycle, Phase};
-use crate::runtime::Running;
-use crate::StartError;
+use crate::runtime::{Running, StartError};
 
-/// What changed in one reload, for the log line.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ReloadSummary {
-    /// Listeners that appeared.
-    pub listeners_added: Vec<String>,
-    /// Listeners that went away.
-    pub listeners_removed: Vec<String>,
-    /// Addresses newly bound.
-    pub addresses_added: Vec<SocketAddr>,
-    /// Addresses no longer listened on.
-    pub addresses_removed: Vec<SocketAddr>,
-    /// `pool/address` of backends that appeared.
-    pub backends_added: Vec<String>,
-    /// `pool/address` of backends that went away.
-    pub backends_removed: Vec<String>,
-    /// Sources of certificates whose content changed.
-    pub certificates_replaced: Vec<String>,
-}
+pub use plan::ReloadSummary;
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]

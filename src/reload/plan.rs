@@ -87,6 +87,25 @@ pub(crate) struct BackendRef {
     pub(crate) address: String,
 }
 
+/// What changed in one reload, for the log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Listeners that appeared.
+    pub listeners_added: Vec<String>,
+    /// Listeners that went away.
+    pub listeners_removed: Vec<String>,
+    /// Addresses newly bound.
+    pub addresses_added: Vec<SocketAddr>,
+    /// Addresses no longer listened on.
+    pub addresses_removed: Vec<SocketAddr>,
+    /// `pool/address` of backends that appeared.
+    pub backends_added: Vec<String>,
+    /// `pool/address` of backends that went away.
+    pub backends_removed: Vec<String>,
+    /// Sources of certificates whose content changed.
+    pub certificates_replaced: Vec<String>,
+}
+
 /// What one reload changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Plan {

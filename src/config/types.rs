@@ -1,0 +1,355 @@
+//! The typed configuration that validation produces (SPEC §2), and the errors it reports.
+//! Plain data: values, loaded certificates, nothing live.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::defaults;
+
+/// A string setting with a fixed set of values: one table gives the names, the parser and
+/// `as_str`.
+pub(crate) trait Choice: Copy + PartialEq + 'static {
+    /// What the setting is called in the error message ("unknown balance ...").
+    const WHAT: &'static str;
+    /// Every name and its value, the default first by convention.
+    const CHOICES: &'static [(&'static str, Self)];
+
+    /// The name of `self` in the config file.
+    fn name(self) -> &'static str {
+        Self::CHOICES
+            .iter()
+            .find(|(_, c)| *c == self)
+            .map_or("", |(n, _)| n)
+    }
+}
+
+// === Errors ===
+
+/// One problem found in a configuration file, located as precisely as the file allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// Dotted path of the key, such as `pool[0].connect_timeout` (empty for syntax errors).
+    pub key: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Everything wrong with one configuration file; never empty.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+// === Typed configuration ===
+
+/// A validated configuration, ready to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from, for messages and for watching.
+    pub source: PathBuf,
+    /// The admin listener, when configured.
+    pub admin: Option<AdminConfig>,
+    /// Pools in file order; names are unique.
+    pub pools: Vec<Arc<PoolConfig>>,
+    /// Listeners in file order; names and addresses are unique.
+    pub listeners: Vec<ListenerConfig>,
+    /// Expired certificates the config names. `check` fails on them; `run` and reload log
+    /// them as errors and go on, since refusing to start would turn one stale certificate
+    /// into an outage of every listener (SPEC §2).
+    pub expired: Vec<ConfigError>,
+    /// Every certificate the config names (each CA of a bundle its own), for expiry metrics
+    /// and the status page.
+    pub certificates: Vec<CertificateInfo>,
+    /// Every file the config names (certificates, keys, CA bundles), watched for changes.
+    pub files: Vec<PathBuf>,
+    /// Likely operator mistakes that do not stop the gateway: printed by `check`, logged by
+    /// `run` and reload.
+    pub warnings: Vec<ConfigError>,
+    /// The first 16 hex digits of the SHA-256 of the text this config was parsed from
+    /// (`apilb_config_info{hash}`): stable across builds and toolchains.
+    pub hash: String,
+}
+
+/// One certificate named by the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// Where it comes from, like `listener/public/cert` or `pool/apiservers/ca/0`.
+    pub source: String,
+    /// Its subject.
+    pub subject: String,
+    /// Its notAfter, Unix seconds.
+    pub not_after: i64,
+}
+
+impl Config {
+    /// The pool a listener refers to; validation guarantees it exists.
+    pub fn pool(&self, name: &str) -> Option<&Arc<PoolConfig>> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// `[admin]`: where the admin endpoints are served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP server; never shared with a traffic listener.
+    pub listen: SocketAddr,
+}
+
+/// How a pool orders its backends for a new connection (SPEC §3, Backend choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Fewest active connections per unit of weight, ties broken round-robin.
+    LeastConn,
+    /// Each backend in turn, in proportion to its weight.
+    RoundRobin,
+    /// The less loaded of two random picks.
+    RandomTwo,
+}
+
+impl Choice for Balance {
+    const WHAT: &'static str = "balance";
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("least-conn", Self::LeastConn),
+        ("round-robin", Self::RoundRobin),
+        ("random-two", Self::RandomTwo),
+    ];
+}
+
+impl Balance {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        self.name()
+    }
+}
+
+/// What a pool does when none of its backends is healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenAllDown {
+    /// Route among all backends as if they were healthy.
+    FailOpen,
+    /// Close the client connection.
+    Reject,
+}
+
+impl Choice for WhenAllDown {
+    const WHAT: &'static str = "value";
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("fail-open", Self::FailOpen), ("reject", Self::Reject)];
+}
+
+impl WhenAllDown {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        self.name()
+    }
+}
+
+/// What a health check does (SPEC §3, Health checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// A full TLS handshake, verified against `[pool.tls]`, closed with close_notify.
+    Tls,
+    /// The TLS handshake plus `GET path`, passing on a status in `expect_status`.
+    Https,
+}
+
+impl Choice for CheckKind {
+    const WHAT: &'static str = "check";
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("tcp", Self::Tcp),
+        ("tls", Self::Tls),
+        ("https", Self::Https),
+    ];
+}
+
+impl CheckKind {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        self.name()
+    }
+}
+
+/// `[pool.health]`: how each backend of a pool is checked.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// The kind of check.
+    pub check: CheckKind,
+    /// Path requested by `https` checks.
+    pub path: String,
+    /// Statuses that pass an `https` check.
+    pub expect_status: Vec<u16>,
+    /// Time between checks of one backend (a little jitter is added).
+    pub interval: Duration,
+    /// Time one check may take.
+    pub timeout: Duration,
+    /// Consecutive passes that make an unhealthy backend healthy.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub fall: u32,
+    /// The TLS client configuration of `tls`/`https` checks, built and validated at load;
+    /// it carries the health-only client certificate when one is configured.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            check: CheckKind::Tcp,
+            path: defaults::HEALTH_PATH.into(),
+            expect_status: defaults::HEALTH_EXPECT_STATUS.to_vec(),
+            interval: defaults::HEALTH_INTERVAL,
+            timeout: defaults::HEALTH_TIMEOUT,
+            rise: defaults::HEALTH_RISE,
+            fall: defaults::HEALTH_FALL,
+            tls: None,
+        }
+    }
+}
+
+/// `[pool.tls]`: how the gateway verifies its backends' certificates.
+#[derive(Debug, Clone)]
+pub struct PoolTlsConfig {
+    /// The trust anchors read from `ca`.
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Name checked in backend certificates; `None`: the backend's host.
+    pub server_name: Option<String>,
+    /// Client configuration for proxied backend connections of terminate listeners: the same
+    /// roots, and never a client certificate (the gateway lends no identity to clients).
+    /// (The TLS sessions of those connections are live state: they live in the running pool.)
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+/// `[[pool]]`: a named set of backends and how to reach them.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Unique name, used by listeners and in metrics.
+    pub name: String,
+    /// Selection algorithm.
+    pub balance: Balance,
+    /// Time allowed for one TCP connect to a backend.
+    pub connect_timeout: Duration,
+    /// Distinct backends tried for one client before giving up.
+    pub connect_attempts: NonZeroU32,
+    /// Behaviour when no backend is healthy.
+    pub when_all_down: WhenAllDown,
+    /// How long connections may outlive their backend's removal, and the shutdown drain.
+    pub drain_timeout: Duration,
+    /// A backend that turns healthy again ramps from 10% to 100% of its weight over this
+    /// long; zero turns the ramp off.
+    pub slow_start: Duration,
+    /// Backends in file order; addresses are unique within the pool.
+    pub backends: Vec<BackendConfig>,
+    /// Health checking.
+    pub health: HealthConfig,
+    /// Backend TLS verification, when configured.
+    pub tls: Option<PoolTlsConfig>,
+}
+
+/// `[[pool.backend]]`: one apiserver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Display name (defaults to the address as written).
+    pub name: String,
+    /// The address as written in the file (`host:port` or `IP:port`).
+    pub address: String,
+    /// The resolved address connections go to.
+    pub addr: SocketAddr,
+    /// Relative share of new connections (1 to 256).
+    pub weight: u32,
+}
+
+/// How a listener treats the bytes it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Bytes relayed untouched; TLS is between client and apiserver.
+    Passthrough,
+    /// TLS ends at the gateway with `[listener.tls]`; a verified TLS connection of the
+    /// gateway's own carries the bytes to the backend.
+    Terminate,
+}
+
+impl Choice for Mode {
+    const WHAT: &'static str = "mode";
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("passthrough", Self::Passthrough),
+        ("terminate", Self::Terminate),
+    ];
+}
+
+impl Mode {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        self.name()
+    }
+}
+
+/// `[listener.tls]`: the terminate listener's certificates and handshake rules.
+#[derive(Debug, Clone)]
+pub struct ListenerTlsConfig {
+    /// A client that has not finished its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+    /// The only ALPN protocols accepted from clients and offered to backends; `None`: any.
+    pub alpn: Option<Vec<String>>,
+    /// Certificates by SNI name, the first being the default.
+    pub certs: Arc<crate::tls::SniResolver>,
+    /// Server configurations, one per ALPN answer, built once at load.
+    pub server: Arc<crate::tls::TerminateServer>,
+}
+
+/// `[[listener]]`: addresses that accept client connections for one pool.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// One or more addresses (IPv4 and IPv6); port 0 binds an ephemeral port.
+    pub listen: Vec<SocketAddr>,
+    /// What the listener does with the bytes.
+    pub mode: Mode,
+    /// Name of the pool connections go to.
+    pub pool: String,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections beyond this many are accepted and closed at once.
+    pub max_connections: u32,
+    /// Certificates of a terminate listener.
+    pub tls: Option<ListenerTlsConfig>,
+}
