@@ -20,6 +20,8 @@ pub enum End {
     ConnectFailed,
     /// A socket error such as a reset.
     Error,
+    /// The client sent nothing within `first_byte_timeout`; no backend was contacted.
+    ClientSilent,
 }
 
 impl End {
@@ -42,6 +44,7 @@ impl End {
             Self::Drained => "drained",
             Self::ConnectFailed => "connect_failed",
             Self::Error => "error",
+            Self::ClientSilent => "client_silent",
         }
     }
 }

@@ -60,6 +60,7 @@ pub struct Handle {
     view: Arc<ArcSwap<View>>,
     metrics: Arc<Metrics>,
     phase: watch::Receiver<Phase>,
+    hurry: CancellationToken,
     done: tokio::task::JoinHandle<ShutdownReport>,
 }
 
@@ -125,6 +126,18 @@ impl Handle {
         self.phase.clone()
     }
 
+    /// Skips what is left of the shutdown grace and the drain (a second SIGTERM/SIGINT):
+    /// open connections are closed at once. Before shutdown began, it takes effect then.
+    pub fn hurry(&self) {
+        self.hurry.cancel();
+    }
+
+    /// [`Handle::hurry`] as a function that outlives the handle (for a signal task).
+    pub fn hurrier(&self) -> impl Fn() + Send + Sync + 'static {
+        let hurry = self.hurry.clone();
+        move || hurry.cancel()
+    }
+
     /// Waits until the shutdown future fired and every connection is closed.
     ///
     /// # Errors
@@ -185,20 +198,18 @@ impl Gateway {
             tracing::info!(addr = %addr, "admin server listening");
             tokio::spawn(crate::admin::serve(
                 socket,
-                crate::admin::Admin {
-                    view: view.clone(),
-                    metrics: metrics.clone(),
-                    phase: phase.clone(),
-                },
+                crate::admin::Admin::new(view.clone(), metrics.clone(), phase.clone()),
                 admin_stop.clone(),
             ));
         }
         tokio::spawn(crate::reload::watch::watch_files(reloader.clone(), stop));
+        let hurry = CancellationToken::new();
         let done = tokio::spawn(crate::shutdown::drain(
             shutdown,
             running,
             lifecycle.clone(),
             admin_stop,
+            hurry.clone(),
         ));
         // Every listener is bound and the first health checks are under way.
         lifecycle.enter(Phase::Running);
@@ -211,6 +222,7 @@ impl Gateway {
             reloader,
             metrics,
             phase,
+            hurry,
             done,
         })
     }

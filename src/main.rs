@@ -50,6 +50,10 @@ enum Command {
         /// The configuration file.
         #[arg(long, default_value = "/etc/apilb/apilb.toml")]
         config: PathBuf,
+        /// Judge as `run` does: expired certificates are listed but do not fail the check
+        /// (for ExecStartPre, so the unit starts whenever `run` would).
+        #[arg(long)]
+        allow_expired: bool,
     },
     /// Start three simulated apiservers with a throwaway PKI and the gateway in front of them.
     Demo {
@@ -79,7 +83,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            allow_expired,
+        } => check(&config, allow_expired),
         Command::Run { config, threads } => {
             let cfg = match config::load(&config) {
                 Ok(c) => c,
@@ -89,13 +96,28 @@ fn main() -> ExitCode {
                 }
             };
             with_runtime(threads, async move {
-                // Signal handlers exist before READY: a SIGTERM right after it is not lost.
-                let shutdown = apilb::signals::shutdown();
+                // Handlers exist before READY. The first SIGTERM/SIGINT starts the shutdown
+                // (grace, then drain); a second one skips what is left of both.
+                let mut signals = apilb::signals::ShutdownSignals::install();
+                let hangups = apilb::signals::Hangups::install();
+                let (first, fired) = tokio::sync::oneshot::channel::<()>();
+                let shutdown = async move {
+                    let _ = fired.await;
+                };
                 let gateway =
                     apilb::Gateway::start(cfg, apilb::GatewayOptions::default(), shutdown)
                         .await
                         .map_err(|e| e.to_string())?;
-                tokio::spawn(apilb::signals::reload_on_sighup(gateway.reloader()));
+                tokio::spawn(hangups.reload(gateway.reloader()));
+                let hurry = gateway.hurrier();
+                tokio::spawn(async move {
+                    let name = signals.next().await;
+                    tracing::info!(signal = name, "shutdown requested");
+                    let _ = first.send(());
+                    let name = signals.next().await;
+                    tracing::warn!(signal = name, "second signal: closing every connection now");
+                    hurry();
+                });
                 #[cfg(debug_assertions)]
                 test_hook_block_on_sigusr2();
                 let report = gateway.wait().await.map_err(|e| e.to_string())?;
@@ -195,13 +217,20 @@ fn list_findings(path: &std::path::Path, what: &str, prefix: &str, items: &[conf
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+fn check(path: &std::path::Path, allow_expired: bool) -> ExitCode {
     match config::load(path) {
-        Ok(cfg) if !cfg.expired.is_empty() => {
+        Ok(cfg) if !cfg.expired.is_empty() && !allow_expired => {
             list_findings(path, "expired certificate", "", &cfg.expired);
             ExitCode::from(EXIT_CONFIG)
         }
         Ok(cfg) => {
+            // With --allow-expired, `run` would start and log these as errors: say so too.
+            list_findings(
+                path,
+                "expired certificate",
+                "error (run goes on): ",
+                &cfg.expired,
+            );
             list_findings(path, "warning", "warning: ", &cfg.warnings);
             print!("{}", summary(&cfg));
             ExitCode::SUCCESS

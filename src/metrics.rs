@@ -45,7 +45,8 @@ pub(crate) const CONFIG_RELOADS: &str = "apilb_config_reloads_total";
 /// `apilb_certificate_expiry_timestamp_seconds{source}`
 pub(crate) const CERTIFICATE_EXPIRY: &str = "apilb_certificate_expiry_timestamp_seconds";
 /// `apilb_listener_closed_total{listener,end}`: proxied connections by how they ended
-/// (the `end` of the access log: client_closed, backend_closed, idle_timeout, drained, error).
+/// (the `end` of the access log: client_closed, backend_closed, idle_timeout, drained, error,
+/// client_silent).
 pub(crate) const LISTENER_CLOSED: &str = "apilb_listener_closed_total";
 /// `apilb_config_info{hash}`: 1 for the content hash of the running config.
 pub(crate) const CONFIG_INFO: &str = "apilb_config_info";
@@ -317,6 +318,9 @@ impl Metrics {
                 .listener_connect_errors
                 .with_label_values(&[listener, CAUSE_LOCAL]),
             duration: self.connection_duration.with_label_values(&[listener]),
+            closed_silent: self
+                .listener_closed
+                .with_label_values(&[listener, crate::close::End::ClientSilent.as_str()]),
             closed: crate::close::End::PROXIED.map(|end| {
                 self.listener_closed
                     .with_label_values(&[listener, end.as_str()])
@@ -393,6 +397,9 @@ pub struct ListenerMetrics {
     pub duration: Histogram,
     /// Proxied connections by end, indexed like [`crate::close::End::PROXIED`].
     pub closed: [IntCounter; 5],
+    /// Passthrough clients closed for sending nothing within `first_byte_timeout`
+    /// (`apilb_listener_closed_total{end="client_silent"}`).
+    pub closed_silent: IntCounter,
     /// TLS failures (terminate listeners only).
     pub tls: TlsErrorMetrics,
 }

@@ -128,6 +128,14 @@ impl Running {
         d
     }
 
+    /// How long `/readyz` fails before accepting stops (`[admin] shutdown_grace`).
+    pub(crate) fn shutdown_grace(&self) -> Duration {
+        self.config
+            .admin
+            .as_ref()
+            .map_or(Duration::ZERO, |a| a.shutdown_grace)
+    }
+
     /// The longest `drain_timeout` of the current pools: the shutdown drain deadline.
     pub(crate) fn drain_deadline(&self) -> Duration {
         longest_drain(&self.config)

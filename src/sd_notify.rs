@@ -89,13 +89,19 @@ pub(crate) fn stopping() {
 /// this process.
 pub(crate) fn watchdog_interval() -> Option<Duration> {
     target()?;
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.parse::<u32>().ok() != Some(std::process::id()) {
             return None;
         }
     }
-    (usec > 0).then(|| Duration::from_micros(usec / 2))
+    half_of(&std::env::var("WATCHDOG_USEC").ok()?)
+}
+
+/// Half of a `WATCHDOG_USEC` value, never below a millisecond: a timer of zero would panic,
+/// and a value that small is a misconfiguration to survive, not to crash on.
+fn half_of(usec: &str) -> Option<Duration> {
+    let usec: u64 = usec.trim().parse().ok()?;
+    (usec > 0).then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(1)))
 }
 
 /// Feeds the watchdog every `every` for as long as the runtime runs this task.
@@ -105,5 +111,23 @@ pub(crate) async fn watchdog(every: Duration) {
     loop {
         tick.tick().await;
         notify("WATCHDOG=1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_values_from_the_environment_never_make_a_zero_timer() {
+        assert_eq!(half_of("1"), Some(Duration::from_millis(1)));
+        assert_eq!(half_of("0"), None);
+        assert_eq!(half_of("nonsense"), None);
+        assert_eq!(half_of("-5"), None);
+        assert_eq!(half_of("30000000"), Some(Duration::from_secs(15)));
+        assert_eq!(
+            half_of("18446744073709551615").map(|d| d > Duration::ZERO),
+            Some(true)
+        );
     }
 }

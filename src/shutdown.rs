@@ -1,5 +1,7 @@
-//! The drain sequence (SPEC §3, Shutdown): once the shutdown future fires, stop accepting,
-//! let connections finish for up to the longest `drain_timeout`, close the rest, report.
+//! The drain sequence (SPEC §3, Shutdown): once the shutdown future fires, fail `/readyz`
+//! and keep accepting for `[admin] shutdown_grace` (so the virtual IP moves first), then stop
+//! accepting, let connections finish for up to the longest `drain_timeout`, close the rest,
+//! report. `hurry` (a second SIGTERM/SIGINT) skips what is left of the grace and the drain.
 //!
 //! It runs in its own task, started by [`crate::Gateway::start`], and moves the lifecycle to
 //! `Draining` (which fails `/readyz` and tells the service manager STOPPING) and at the end to
@@ -23,10 +25,11 @@ pub(crate) async fn drain(
     running: Arc<Mutex<Running>>,
     lifecycle: Lifecycle,
     admin_stop: CancellationToken,
+    hurry: CancellationToken,
 ) -> ShutdownReport {
     shutdown.await;
     lifecycle.enter(Phase::Draining);
-    let (stop, drain, tracker, accepts, deadline) = {
+    let (stop, drain, tracker, accepts, deadline, grace) = {
         let r = running.lock().await;
         (
             r.stop.clone(),
@@ -34,8 +37,19 @@ pub(crate) async fn drain(
             r.tracker.clone(),
             r.accepts.clone(),
             r.drain_deadline(),
+            r.shutdown_grace(),
         )
     };
+    if !grace.is_zero() {
+        tracing::info!(
+            grace = %humantime::format_duration(grace),
+            "shutting down: /readyz fails now; still accepting for the grace"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(grace) => {}
+            () = hurry.cancelled() => tracing::warn!("second signal: skipping the rest of the grace"),
+        }
+    }
     stop.cancel();
     accepts.close();
     accepts.wait().await;
@@ -45,14 +59,18 @@ pub(crate) async fn drain(
         deadline = %humantime::format_duration(deadline),
         "stopped accepting; draining"
     );
-    let forced = if tokio::time::timeout(deadline, tracker.wait()).await.is_ok() {
+    let finished = tokio::select! {
+        r = tokio::time::timeout(deadline, tracker.wait()) => r.is_ok(),
+        () = hurry.cancelled() => false,
+    };
+    let forced = if finished {
         tracing::info!("drain finished: every connection closed on its own");
         0
     } else {
         let forced = tracker.len();
         tracing::warn!(
             closing = forced,
-            "drain deadline reached: closing the remaining connections"
+            "drain deadline reached (or a second signal): closing the remaining connections"
         );
         drain.cancel();
         tracker.wait().await;

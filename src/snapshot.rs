@@ -67,6 +67,23 @@ impl ListenerSnapshot {
         );
     }
 
+    /// The access-log line of a passthrough client that sent nothing within
+    /// `first_byte_timeout`, and its counter.
+    pub(crate) fn log_silent(&self, client: SocketAddr, started: Instant) {
+        self.metrics.closed_silent.inc();
+        tracing::info!(
+            target: "apilb::access",
+            listener = %self.cfg.name,
+            client = %client,
+            backend = "-",
+            duration_ms = duration_ms(started),
+            bytes_up = 0u64,
+            bytes_down = 0u64,
+            end = %End::ClientSilent,
+            "connection closed"
+        );
+    }
+
     /// The access-log line of a proxied connection, and its byte counters.
     pub(crate) fn log_close(
         &self,

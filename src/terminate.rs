@@ -33,9 +33,37 @@ use crate::snapshot::ListenerSnapshot;
 /// Serves one accepted terminate connection to completion.
 pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<ListenerSnapshot>) {
     let started = Instant::now();
+    // Both handshakes obey the drain deadline too (SPEC §3, Shutdown): a client that is slow
+    // to finish its handshake must not hold the shutdown for its handshake_timeout.
+    let established = tokio::select! {
+        e = establish(tcp, client_addr, &state, started) => e,
+        () = state.drain.cancelled() => None,
+    };
+    let Some((client_stream, backend_stream, guard)) = established else {
+        return;
+    };
+    let (cr, cw) = tokio::io::split(client_stream);
+    let (br, bw) = tokio::io::split(backend_stream);
+    let drain = drained(&state.drain, &guard.backend().drain);
+    let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, drain).await;
+    state.log_close(client_addr, guard.backend(), started, &r);
+}
+
+/// The client's ClientHello, the backend's TLS connection, then the client's handshake;
+/// `None` (counted and logged) when any of them fails.
+async fn establish(
+    tcp: TcpStream,
+    client_addr: SocketAddr,
+    state: &ListenerSnapshot,
+    started: Instant,
+) -> Option<(
+    tokio_rustls::server::TlsStream<ReadAhead>,
+    tokio_rustls::client::TlsStream<ReadAhead>,
+    crate::balance::ActiveGuard,
+)> {
     let Some(tls) = state.cfg.tls.as_ref() else {
         // Validation guarantees [listener.tls] for terminate listeners.
-        return;
+        return None;
     };
     let listener = state.cfg.name.as_str();
     let errors = &state.metrics.tls;
@@ -52,12 +80,12 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
                 errors.client_handshake.inc();
             }
             tracing::debug!(listener, client = %client_addr, error = %e, "no TLS ClientHello");
-            return;
+            return None;
         }
         Err(_) => {
             errors.handshake_timeout.inc();
             tracing::debug!(listener, client = %client_addr, "no ClientHello within handshake_timeout");
-            return;
+            return None;
         }
     };
 
@@ -74,7 +102,7 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
             start.into_stream(tls.server.refusing_alpn()),
         )
         .await;
-        return;
+        return None;
     }
 
     let pool = &state.pool;
@@ -89,7 +117,7 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
         Err(e) => {
             // The client's handshake is left unfinished: dropping it closes the connection.
             state.log_connect_failed(client_addr, started, &e);
-            return;
+            return None;
         }
     };
     let selected = backend_stream
@@ -102,7 +130,7 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
         Err(e) => {
             errors.client_handshake.inc();
             tracing::debug!(listener, client = %client_addr, error = %e, "cannot answer the backend's ALPN choice");
-            return;
+            return None;
         }
     };
     // The client's handshake gets a full `handshake_timeout` of its own from here: the time
@@ -114,20 +142,16 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
         Ok(Err(e)) => {
             errors.client_handshake.inc();
             tracing::debug!(listener, client = %client_addr, error = %e, "client TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             errors.handshake_timeout.inc();
             tracing::debug!(listener, client = %client_addr, "client TLS handshake timed out");
-            return;
+            return None;
         }
     };
 
-    let (cr, cw) = tokio::io::split(client_stream);
-    let (br, bw) = tokio::io::split(backend_stream);
-    let drain = drained(&state.drain, &guard.backend().drain);
-    let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, drain).await;
-    state.log_close(client_addr, guard.backend(), started, &r);
+    Some((client_stream, backend_stream, guard))
 }
 
 /// The protocols the gateway knows how to relay, in its order of preference. Anything else a

@@ -31,17 +31,69 @@ use json::status_json;
 use page::status_html;
 pub(crate) use view::{not_ready, ListenerView, ReloadOutcome, View};
 
+/// Admin connections served at once; more wait in the kernel's queue (a scraper, keepalived
+/// and a person with a browser need a handful, a flood must not take descriptors or memory).
+const MAX_CONNECTIONS: usize = 64;
+/// The longest one admin connection may live, keep-alive included: a client that reads its
+/// answer slowly (or never) is cut, so it cannot hold one of the slots.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// How long one encoding of `/metrics` is served again: scrapes from several Prometheus
+/// servers (or a flood of requests) cost one encoding a second, not one each.
+const METRICS_CACHE: Duration = Duration::from_secs(1);
+
 /// Everything the admin server reads.
 #[derive(Debug, Clone)]
 pub(crate) struct Admin {
     pub view: Arc<ArcSwap<View>>,
     pub metrics: Arc<Metrics>,
     pub phase: watch::Receiver<Phase>,
+    /// The last `/metrics` text and when it was encoded.
+    pub encoded: Arc<std::sync::Mutex<Option<(tokio::time::Instant, Bytes)>>>,
+}
+
+impl Admin {
+    pub(crate) fn new(
+        view: Arc<ArcSwap<View>>,
+        metrics: Arc<Metrics>,
+        phase: watch::Receiver<Phase>,
+    ) -> Self {
+        Self {
+            view,
+            metrics,
+            phase,
+            encoded: Arc::default(),
+        }
+    }
+
+    /// The metrics text, encoded at most once per [`METRICS_CACHE`].
+    fn metrics_text(&self) -> Bytes {
+        let mut cached = self
+            .encoded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        match &*cached {
+            Some((at, text)) if now.duration_since(*at) < METRICS_CACHE => text.clone(),
+            _ => {
+                let text = Bytes::from(self.metrics.encode());
+                *cached = Some((now, text.clone()));
+                text
+            }
+        }
+    }
 }
 
 /// Serves admin requests on `listener` until `stop` is cancelled.
 pub(crate) async fn serve(listener: TcpListener, admin: Admin, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A slot first: at the limit, new connections wait in the listen queue.
+        let Ok(slot) = (tokio::select! {
+            () = stop.cancelled() => return,
+            s = slots.clone().acquire_owned() => s,
+        }) else {
+            return;
+        };
         let (tcp, _) = tokio::select! {
             () = stop.cancelled() => return,
             r = listener.accept() => match r {
@@ -65,19 +117,24 @@ pub(crate) async fn serve(listener: TcpListener, admin: Admin, stop: Cancellatio
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), svc);
             tokio::select! {
-                _ = conn => {}
+                _ = tokio::time::timeout(CONNECTION_DEADLINE, conn) => {}
                 () = stop.cancelled() => {}
             }
+            drop(slot);
         });
     }
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    respond_bytes(status, content_type, Bytes::from(body))
+}
+
+fn respond_bytes(status: StatusCode, content_type: &str, body: Bytes) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(hyper::header::CONTENT_TYPE, content_type)
         .header(hyper::header::CACHE_CONTROL, "no-store")
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(body))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
@@ -96,10 +153,10 @@ fn route(req: &Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
     }
     let text = "text/plain; charset=utf-8";
     match req.uri().path() {
-        "/metrics" => respond(
+        "/metrics" => respond_bytes(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            admin.metrics.encode(),
+            admin.metrics_text(),
         ),
         "/healthz" => respond(StatusCode::OK, text, "ok\n".into()),
         "/readyz" => match not_ready(&admin.view.load(), *admin.phase.borrow()) {

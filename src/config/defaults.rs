@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+/// `[admin] shutdown_grace`: off.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::ZERO;
 /// `[[pool]] connect_timeout`
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// `[[pool]] connect_attempts`
@@ -13,6 +15,8 @@ pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const SLOW_START: Duration = Duration::ZERO;
 /// `[[listener]] idle_timeout`: watches are long-lived.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// `[[listener]] first_byte_timeout` (SPEC §3, Silent clients)
+pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `[[listener]] max_connections`
 pub(crate) const MAX_CONNECTIONS: u32 = 50_000;
 /// `[listener.tls] handshake_timeout`

@@ -18,6 +18,7 @@ pub(super) struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileAdmin {
     pub(super) listen: Spanned<String>,
+    pub(super) shutdown_grace: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +81,7 @@ pub(super) struct FileListener {
     pub(super) mode: Option<Spanned<String>>,
     pub(super) pool: Spanned<String>,
     pub(super) idle_timeout: Option<Spanned<String>>,
+    pub(super) first_byte_timeout: Option<Spanned<String>>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) tls: Option<Spanned<FileListenerTls>>,
 }

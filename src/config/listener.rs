@@ -114,6 +114,18 @@ impl Validator<'_> {
                 );
             }
         }
+        let first_byte_timeout = self.duration_or_off(
+            l.first_byte_timeout.as_ref(),
+            &format!("listener[{i}].first_byte_timeout"),
+            defaults::FIRST_BYTE_TIMEOUT,
+        );
+        if let (Mode::Terminate, Some(v)) = (mode, &l.first_byte_timeout) {
+            self.error(
+                v.span(),
+                format!("listener[{i}].first_byte_timeout"),
+                "first_byte_timeout is for passthrough listeners: a terminate listener has [listener.tls] handshake_timeout",
+            );
+        }
         let max_connections = self.int_in(
             l.max_connections.as_ref(),
             &format!("listener[{i}].max_connections"),
@@ -126,6 +138,7 @@ impl Validator<'_> {
             mode,
             pool,
             idle_timeout,
+            first_byte_timeout,
             max_connections,
             tls,
         }

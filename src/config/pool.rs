@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroU32;
 use std::ops::Range;
-use std::time::Duration;
 
 use toml::Spanned;
 
@@ -46,13 +45,12 @@ impl Validator<'_> {
             defaults::CONNECT_ATTEMPTS,
         );
         let connect_attempts = NonZeroU32::new(attempts).unwrap_or(NonZeroU32::MIN);
-        // "0s" is the documented way to turn the ramp off, so zero is allowed here.
-        let slow_start = match &p.slow_start {
-            Some(v) if humantime::parse_duration(v.get_ref().trim()).is_ok_and(|d| d.is_zero()) => {
-                Duration::ZERO
-            }
-            v => self.duration(v.as_ref(), &k("slow_start"), defaults::SLOW_START),
-        };
+        // "0s" is the documented way to turn the ramp off.
+        let slow_start = self.duration_or_off(
+            p.slow_start.as_ref(),
+            &k("slow_start"),
+            defaults::SLOW_START,
+        );
         let tls = p.tls.map(|t| self.pool_tls(i, t));
         let health = self.health(i, p.health, tls.as_ref());
         let tls = tls.flatten();

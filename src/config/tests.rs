@@ -57,7 +57,8 @@ fn good_config_is_typed_with_defaults_applied() {
     assert_eq!(
         c.admin,
         Some(AdminConfig {
-            listen: "127.0.0.1:9090".parse().expect("addr")
+            listen: "127.0.0.1:9090".parse().expect("addr"),
+            shutdown_grace: Duration::ZERO,
         })
     );
     let p = &c.pools[0];
@@ -422,5 +423,76 @@ fn a_health_client_cert_with_a_tcp_check_is_a_warning() {
             .any(|w| w.key == "pool[0].health.client_cert" && w.message.contains("unused")),
         "{:#?}",
         c.warnings
+    );
+}
+
+/// Round-2 hardening, item 7: a FIFO named by the config used to hang the load (and with it
+/// a reload and shutdown); a huge file was read whole.
+#[test]
+fn only_regular_files_of_bounded_size_are_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("ca.pem");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo (coreutils)");
+    assert!(made.success());
+    let huge = dir.path().join("huge.pem");
+    std::fs::File::create(&huge)
+        .and_then(|f| f.set_len(5 << 20))
+        .expect("sparse file");
+    for (path, needle) in [(&fifo, "not a regular file"), (&huge, "larger than")] {
+        let text = GOOD.replace(
+            "drain_timeout = \"10s\"",
+            &format!(
+                "drain_timeout = \"10s\"\n  [pool.tls]\n  ca = \"{}\"",
+                path.display()
+            ),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(parse(Path::new("t.toml"), &text).map(|_| ()));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the load returned instead of hanging");
+        let errs = result.expect_err("refused").0;
+        assert!(
+            errs.iter()
+                .any(|e| e.key == "pool[0].tls.ca" && e.message.contains(needle)),
+            "{errs:#?}"
+        );
+    }
+    let errs = load(&fifo).expect_err("a FIFO as the config").0;
+    assert!(errs[0].message.contains("not a regular file"), "{errs:#?}");
+}
+
+#[test]
+fn shutdown_grace_and_first_byte_timeout_take_durations_and_zero() {
+    let text = GOOD
+        .replace(
+            "listen = \"127.0.0.1:9090\"",
+            "listen = \"127.0.0.1:9090\"\nshutdown_grace = \"6s\"",
+        )
+        .replace(
+            "max_connections = 10",
+            "max_connections = 10\nfirst_byte_timeout = \"0s\"",
+        );
+    let c = parse(Path::new("t.toml"), &text).expect("valid");
+    assert_eq!(
+        c.admin.expect("admin").shutdown_grace,
+        Duration::from_secs(6)
+    );
+    assert!(c.listeners[0].first_byte_timeout.is_zero());
+    let c = parse(Path::new("t.toml"), GOOD).expect("valid");
+    assert_eq!(c.listeners[0].first_byte_timeout, Duration::from_secs(10));
+    let errs = errors(&GOOD.replace(
+        "max_connections = 10",
+        "max_connections = 10\nfirst_byte_timeout = \"soon\"",
+    ));
+    assert!(
+        errs.iter()
+            .any(|e| e.key == "listener[0].first_byte_timeout"),
+        "{errs:#?}"
     );
 }

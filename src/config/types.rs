@@ -130,6 +130,9 @@ impl Config {
 pub struct AdminConfig {
     /// Address of the admin HTTP server; never shared with a traffic listener.
     pub listen: SocketAddr,
+    /// On shutdown, `/readyz` fails for this long while every listener keeps accepting, so
+    /// keepalived or a BGP speaker moves the virtual IP before anything is refused.
+    pub shutdown_grace: Duration,
 }
 
 /// How a pool orders its backends for a new connection (SPEC §3, Backend choice).
@@ -348,6 +351,9 @@ pub struct ListenerConfig {
     pub pool: String,
     /// A connection with no bytes either way for this long is closed.
     pub idle_timeout: Duration,
+    /// Passthrough: a client that sends nothing for this long is closed before any backend
+    /// is contacted (`end=client_silent`); zero turns the wait off (server-first protocols).
+    pub first_byte_timeout: Duration,
     /// Connections beyond this many are accepted and closed at once.
     pub max_connections: u32,
     /// Certificates of a terminate listener.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::defaults;
 use super::file::FileConfig;
 use super::types::{AdminConfig, CertificateInfo, Choice, Config, ConfigError, ConfigErrors};
 
@@ -154,6 +155,21 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// A duration where `"0s"` turns the feature off.
+    pub(super) fn duration_or_off(
+        &mut self,
+        v: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        match v {
+            Some(v) if humantime::parse_duration(v.get_ref().trim()).is_ok_and(|d| d.is_zero()) => {
+                Duration::ZERO
+            }
+            v => self.duration(v, key, default),
+        }
+    }
+
     pub(super) fn int_in(
         &mut self,
         v: Option<&Spanned<i64>>,
@@ -238,7 +254,7 @@ impl<'a> Validator<'a> {
         if !self.files.contains(&path) {
             self.files.push(path.clone());
         }
-        match std::fs::read(&path) {
+        match read_regular(&path) {
             Ok(b) => Some((path, b)),
             Err(e) => {
                 self.error(
@@ -262,7 +278,15 @@ impl<'a> Validator<'a> {
                     format!("the admin server on {listen} is reachable from the network: it shows the gateway's backends and certificates; prefer 127.0.0.1, or a management network behind a firewall"),
                 );
             }
-            Some(AdminConfig { listen })
+            let shutdown_grace = self.duration_or_off(
+                a.shutdown_grace.as_ref(),
+                "admin.shutdown_grace",
+                defaults::SHUTDOWN_GRACE,
+            );
+            Some(AdminConfig {
+                listen,
+                shutdown_grace,
+            })
         });
 
         let mut pools = Vec::new();
@@ -355,4 +379,52 @@ pub(super) fn port_hint(s: &str) -> Option<&'static str> {
         Ok(_) => None,
         Err(_) => Some("the port is not a number: expected 1 to 65535"),
     }
+}
+
+/// The most a file named by the config (or the config itself) may hold: far above any real
+/// certificate bundle, far below what would hurt to read on a reload.
+pub(crate) const MAX_FILE: u64 = 4 << 20;
+
+/// Reads a regular file of at most [`MAX_FILE`] bytes. Opened non-blocking and checked after
+/// opening, so a FIFO, a device or a directory named by mistake (or swapped in) is refused
+/// at once instead of hanging the load.
+pub(crate) fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    #[cfg(unix)]
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)?
+    };
+    #[cfg(not(unix))]
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, device or directory)",
+        ));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "{} bytes: larger than the {} MiB limit",
+                meta.len(),
+                MAX_FILE >> 20
+            ),
+        ));
+    }
+    let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // The size may grow after the check: read no more than the limit and one byte.
+    file.take(MAX_FILE + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            "grew past the size limit while read",
+        ));
+    }
+    Ok(buf)
 }

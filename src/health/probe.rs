@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
@@ -21,6 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::balance::{Backend, Pool};
 use crate::config::{CheckKind, HealthConfig};
 use crate::tls::{io_reason, tls_reason};
+
+/// Body bytes an https check reads before it stops listening: enough for any readiness
+/// answer, bounded against a backend that streams.
+const BODY_LIMIT: usize = 4096;
 
 /// Starts one check loop per backend of `pool`; they end when `stop` is cancelled.
 pub(crate) fn spawn(pool: &Arc<Pool>, stop: &CancellationToken) {
@@ -117,15 +122,43 @@ async fn check(
         .header(hyper::header::USER_AGENT, "apilb-health-check")
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("HTTP request: {e}"))?;
-    let request = async {
-        let resp = sender.send_request(req).await;
-        drop(sender);
-        resp
+    // The verdict comes from the status line. The connection is driven while the response
+    // and at most BODY_LIMIT bytes of its body are read: waiting for the connection to finish
+    // first would hold a body of more than one frame (`/readyz?verbose`, chunked) until the
+    // check timed out.
+    let mut conn = std::pin::pin!(conn);
+    let resp = tokio::select! {
+        r = sender.send_request(req) => r.map_err(|e| format!("HTTP: {e}"))?,
+        c = &mut conn => {
+            return Err(match c {
+                Ok(_) => "HTTP: connection closed before the response".to_string(),
+                Err(e) => format!("HTTP: {e}"),
+            })
+        }
     };
-    let (resp, parts) = tokio::join!(request, conn);
-    let status = resp.map_err(|e| format!("HTTP: {e}"))?.status().as_u16();
-    if let Ok(parts) = parts {
-        close_cleanly(parts.io.into_inner());
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let read_some = async {
+        let mut read = 0;
+        while read < BODY_LIMIT {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                Some(Err(_)) | None => return true,
+            }
+        }
+        body.is_end_stream()
+    };
+    let whole = tokio::select! {
+        whole = read_some => whole,
+        _ = &mut conn => false,
+    };
+    drop(body);
+    drop(sender);
+    if whole {
+        // The response is complete, so the connection hands its socket back at once.
+        if let Ok(Ok(parts)) = tokio::time::timeout(Duration::from_millis(100), conn).await {
+            close_cleanly(parts.io.into_inner());
+        }
     }
     if cfg.expect_status.contains(&status) {
         Ok(())

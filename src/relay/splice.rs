@@ -2,7 +2,7 @@
 //! pipe is taken only for one round of bytes and goes back as soon as it is empty again, so
 //! an idle connection holds no pipe (and no descriptors beyond its two sockets).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::OwnedFd;
 
@@ -22,6 +22,82 @@ pub(crate) struct Pipe {
 
 thread_local! {
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    /// Set once splice(2) itself failed on this worker (a kernel or socket type without
+    /// support): its relays copy from then on instead of failing each connection.
+    static BROKEN: Cell<bool> = const { Cell::new(false) };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The next fill (true) or drain (false) on this thread fails with this errno.
+    static FAIL_NEXT: Cell<Option<(bool, rustix::io::Errno)>> = const { Cell::new(None) };
+}
+
+/// Makes the next fill or drain on this thread fail with `errno` (tests only).
+#[cfg(test)]
+pub(crate) fn fail_next(fill: bool, errno: rustix::io::Errno) {
+    FAIL_NEXT.with(|f| f.set(Some((fill, errno))));
+}
+
+#[cfg(test)]
+fn injected(fill: bool) -> io::Result<()> {
+    match FAIL_NEXT.with(Cell::get) {
+        Some((f, errno)) if f == fill => {
+            FAIL_NEXT.with(|c| c.set(None));
+            Err(errno.into())
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(not(test))]
+fn injected(_fill: bool) -> io::Result<()> {
+    Ok(())
+}
+
+/// Lets this thread splice again (tests only).
+#[cfg(test)]
+pub(crate) fn reset() {
+    BROKEN.with(|b| b.set(false));
+}
+
+/// Whether relays started on this worker may splice.
+pub(crate) fn usable() -> bool {
+    !BROKEN.with(Cell::get)
+}
+
+/// An error that means splice(2) cannot be used here, rather than a broken socket.
+pub(crate) fn is_unsupported(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    [Errno::INVAL, Errno::NOSYS, Errno::OPNOTSUPP]
+        .iter()
+        .any(|n| e.raw_os_error() == Some(n.raw_os_error()))
+}
+
+/// Notes a failed splice: logged once per worker, and splice is off on this worker when the
+/// error says it is unsupported.
+pub(crate) fn note_failure(e: &io::Error) {
+    if is_unsupported(e) && !BROKEN.with(|b| b.replace(true)) {
+        tracing::warn!(error = %e, "splice(2) failed; relays on this worker copy through buffers from now on");
+    } else {
+        tracing::debug!(error = %e, "splice(2) failed; this direction copies through a buffer");
+    }
+}
+
+/// Moves what `pipe` holds into `buf` (at most its length), so the bytes can be written
+/// without splice.
+pub(crate) fn unload(pipe: &Pipe, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match rustix::io::read(&pipe.r, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
 }
 
 /// Pipes in this thread's pool.
@@ -53,11 +129,13 @@ fn flags() -> SpliceFlags {
 
 /// Moves up to a pipe's worth from the socket into the (empty) pipe.
 pub(crate) fn fill(from: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
+    injected(true)?;
     Ok(splice(from, None, &pipe.w, None, CHUNK, flags())?)
 }
 
 /// Moves up to `len` bytes from the pipe into the socket.
 pub(crate) fn drain(pipe: &Pipe, to: &TcpStream, len: usize) -> io::Result<usize> {
+    injected(false)?;
     Ok(splice(&pipe.r, None, to, None, len, flags())?)
 }
 

@@ -5,7 +5,7 @@
 //! without holding the runtime's lock; only a valid config takes the lock, is compared with
 //! what runs ([`plan`]) and applied ([`crate::runtime::Running::apply`]). An invalid config,
 //! or an address that cannot be bound, changes nothing. Triggers: SIGHUP
-//! ([`crate::signals::reload_on_sighup`]) and [`watch::watch_files`].
+//! ([`crate::signals::Hangups`]) and [`watch::watch_files`].
 
 pub(crate) mod plan;
 pub(crate) mod watch;
