@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use prometheus_parse::{Scrape, Value};
 
 /// The metric names SPEC §4 makes part of the contract.
 const SPEC_METRICS: &[&str] = &[
@@ -28,35 +27,16 @@ const SPEC_METRICS: &[&str] = &[
     "apilb_certificate_expiry_timestamp_seconds",
 ];
 
-struct Scraped(Scrape);
-
-impl Scraped {
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let found: Vec<f64> = self
-            .0
-            .samples
-            .iter()
-            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
-            .map(|s| match &s.value {
-                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-                Value::Histogram(b) => b.last().map_or(0.0, |c| c.count),
-                Value::Summary(_) => f64::NAN,
-            })
-            .collect();
-        assert_eq!(found.len(), 1, "{name} {labels:?}: {} samples", found.len());
-        found[0]
-    }
-}
-
-async fn scrape(admin: SocketAddr) -> Scraped {
-    let (status, head, body) = within(10, "scrape", admin_request(admin, "GET", "/metrics")).await;
-    assert_eq!(status, 200);
+async fn scrape(admin: SocketAddr) -> Metrics {
+    let r = within(10, "scrape", request(admin, None, "GET", "/metrics", &[])).await;
+    assert_eq!(r.status, 200);
     assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/plain; version=0.0.4"),
-        "{head}"
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "{}",
+        r.head()
     );
-    Scraped(Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format"))
+    Metrics::parse(&r.body)
 }
 
 fn with_admin(cfg: String, extra_pool: &str) -> String {
@@ -68,21 +48,18 @@ fn with_admin(cfg: String, extra_pool: &str) -> String {
 
 #[tokio::test]
 async fn metrics_parse_and_move_by_the_right_amounts() {
-    let pki = pki();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let files = pki.write_to(dir.path()).expect("PKI");
+    let tls = TlsFixture::new();
     let sinks = [SinkServer::start().await, SinkServer::start().await];
     let addrs: Vec<SocketAddr> = sinks.iter().map(|s| s.addr).collect();
     let gw = gateway(&with_admin(
         simple_config(&addrs, "", ""),
-        &format!("balance = \"round-robin\"\n[pool.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"", files.ca.display()),
+        &format!("balance = \"round-robin\"\n[pool.health]\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"", tls.ca().display()),
     ))
     .await;
     let admin = gw.handle().admin_addr().expect("admin bound");
 
     let before = scrape(admin).await;
-    let names: std::collections::HashSet<&str> =
-        before.0.samples.iter().map(|s| s.metric.as_str()).collect();
+    let names = before.names();
     for name in SPEC_METRICS {
         assert!(names.contains(name), "{name} missing from /metrics");
     }
@@ -106,6 +83,9 @@ async fn metrics_parse_and_move_by_the_right_amounts() {
         )
         .await;
     }
+    // The admin server encodes /metrics at most once a second: wait that out since the
+    // `before` scrape, so `after` is a fresh encoding that saw all four connections.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let after = scrape(admin).await;
     let delta = |name: &str, labels: &[(&str, &str)]| {
         after.value(name, labels) - before.value(name, labels)
@@ -245,12 +225,9 @@ async fn readyz_follows_pool_health_and_other_paths_are_refused() {
             .0,
         404
     );
-    let (status, head, _) = within(5, "405", admin_request(admin, "POST", "/metrics")).await;
-    assert_eq!(status, 405);
-    assert!(
-        head.contains("allow: GET, HEAD") || head.contains("Allow: GET, HEAD"),
-        "{head}"
-    );
+    let r = within(5, "405", request(admin, None, "POST", "/metrics", &[])).await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"), "{}", r.head());
     let (status, _, body) = within(5, "HEAD", admin_request(admin, "HEAD", "/status")).await;
     assert_eq!((status, body.as_str()), (200, ""));
     gw.shutdown().await;
@@ -278,10 +255,15 @@ async fn api_status_matches_config_and_live_state() {
     .await;
     let held = within(10, "held", echo_once(gw.addr())).await;
 
-    let (status, head, body) = within(5, "api", admin_request(admin, "GET", "/api/status")).await;
-    assert_eq!(status, 200);
-    assert!(head.to_ascii_lowercase().contains("application/json"));
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let r = within(5, "api", request(admin, None, "GET", "/api/status", &[])).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("application/json")),
+        "{}",
+        r.head()
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
     let l = &v["listeners"][0];
     assert_eq!(l["name"], "l");
     assert_eq!(l["mode"], "passthrough");
@@ -317,15 +299,13 @@ async fn api_status_matches_config_and_live_state() {
 
 #[tokio::test]
 async fn status_page_renders_in_a_real_browser() {
-    let pki = pki();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let files = pki.write_to(dir.path()).expect("PKI");
-    let servers = apiservers(&pki, 3, "127.0.0.1").await;
+    let tls = TlsFixture::new();
+    let servers = apiservers(&tls.pki, 3, "127.0.0.1").await;
     servers[2].set_ready(false);
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
     let gw = gateway(&with_admin(
         simple_config(&addrs, "", ""),
-        &format!("[pool.health]\ncheck = \"https\"\ninterval = \"1h\"\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", files.ca.display()),
+        &format!("[pool.health]\ncheck = \"https\"\ninterval = \"1h\"\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", tls.ca().display()),
     ))
     .await;
     eventually(10, "checked", || {
@@ -339,7 +319,7 @@ async fn status_page_renders_in_a_real_browser() {
     let _held = within(
         10,
         "a connection",
-        whoami(gw.addr(), client_config(&pki, Some(&pki.admin), &[])),
+        whoami(gw.addr(), tls.client(Some(&tls.pki.admin), &[])),
     )
     .await;
     let url = format!("http://{}/status", gw.handle().admin_addr().expect("admin"));

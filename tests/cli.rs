@@ -144,20 +144,6 @@ fn run_gateway(
     }
 }
 
-fn wait_exit(child: &mut Child, secs: u64) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status.code().unwrap_or(-1);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process {} did not exit within {secs}s", child.id());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test]
 async fn sigterm_lets_an_active_transfer_finish_then_exits_0() {
     let sink = SinkServer::start().await;
@@ -399,29 +385,24 @@ async fn out_of_descriptors_for_a_backend_socket_is_not_the_backends_fault() {
         }
     })
     .await;
-    let (_, _, metrics) = within(10, "metrics", admin_request(admin, "GET", "/metrics")).await;
+    let (_, _, text) = within(10, "metrics", admin_request(admin, "GET", "/metrics")).await;
+    let metrics = Metrics::parse(&text);
     assert!(
-        metric_value(
-            &metrics,
+        metrics.value(
             "apilb_listener_connect_errors_total",
             &[("listener", "l"), ("cause", "local")]
         ) >= 1.0,
-        "{metrics}"
+        "{text}"
     );
     assert_eq!(
-        metric_value(
-            &metrics,
+        metrics.value(
             "apilb_backend_connect_errors_total",
             &[("pool", "p"), ("backend", "b0")]
         ),
         0.0
     );
     assert_eq!(
-        metric_value(
-            &metrics,
-            "apilb_backend_healthy",
-            &[("pool", "p"), ("backend", "b0")]
-        ),
+        metrics.value("apilb_backend_healthy", &[("pool", "p"), ("backend", "b0")]),
         1.0
     );
     signal(pid, "TERM");
@@ -493,15 +474,6 @@ fn demo_prints_commands_that_work_and_exits_0_on_sigint() {
         "commands must not need shell variables"
     );
 
-    let sh = |c: &str| {
-        let out = Command::new("sh").args(["-c", c]).output().expect("sh");
-        assert!(
-            out.status.success(),
-            "{c}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
     let first = sh(commands[0]);
     assert!(first.contains("\"user\":\"admin\""), "{first}");
     assert!(first.contains("system:masters"), "{first}");
@@ -545,21 +517,19 @@ fn demo_on_a_taken_port_names_the_flag() {
 
 #[test]
 fn expired_certificate_fails_check_but_not_run() {
-    let pki = pki();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let files = pki.write_to(dir.path()).expect("PKI");
-    let old = pki
+    let tls = TlsFixture::new();
+    let old = tls
+        .pki
         .ca
         .client_valid_for("system:apilb-health", &["system:monitoring"], -2)
         .expect("cert");
-    std::fs::write(dir.path().join("health.crt"), &old.cert_pem).expect("write");
-    std::fs::write(dir.path().join("health.key"), &old.key_pem).expect("write");
+    tls.file("health.crt", &old.cert_pem);
+    tls.file("health.key", &old.key_pem);
     let text = format!(
         "[[pool]]\nname = \"p\"\n[pool.tls]\nca = \"{}\"\n[pool.health]\ncheck = \"https\"\nclient_cert = \"health.crt\"\nclient_key = \"health.key\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n",
-        files.ca.display()
+        tls.ca().display()
     );
-    let path = dir.path().join("apilb.toml");
-    std::fs::write(&path, text).expect("config");
+    let path = tls.file("apilb.toml", &text);
     let (code, _, err) = check(&path);
     assert_eq!(code, 2, "{err}");
     assert!(
@@ -583,22 +553,20 @@ fn expired_certificate_fails_check_but_not_run() {
 #[test]
 fn check_warns_about_operator_mistakes_and_still_passes() {
     use std::os::unix::fs::PermissionsExt;
-    let pki = pki();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let files = pki.write_to(dir.path()).expect("PKI");
-    let d = dir.path();
+    let tls = TlsFixture::new();
+    let files = &tls.files;
     // A key every user can read.
     std::fs::set_permissions(&files.public_key, std::fs::Permissions::from_mode(0o644))
         .expect("chmod");
     // A health certificate that expires in 10 days.
-    let soon = pki
+    let soon = tls
+        .pki
         .ca
         .client_valid_for("system:apilb-health", &["system:monitoring"], 10)
         .expect("cert");
-    std::fs::write(d.join("health.crt"), &soon.cert_pem).expect("w");
-    std::fs::write(d.join("health.key"), &soon.key_pem).expect("w");
-    std::fs::set_permissions(d.join("health.key"), std::fs::Permissions::from_mode(0o600))
-        .expect("chmod");
+    tls.file("health.crt", &soon.cert_pem);
+    let health_key = tls.file("health.key", &soon.key_pem);
+    std::fs::set_permissions(health_key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let text = format!(
         "[admin]\nlisten = \"0.0.0.0:0\"\n\
          [[pool]]\nname = \"p\"\n[pool.tls]\nca = \"{ca}\"\n[pool.health]\ncheck = \"https\"\nclient_cert = \"health.crt\"\nclient_key = \"health.key\"\n\
@@ -611,8 +579,7 @@ fn check_warns_about_operator_mistakes_and_still_passes() {
         pc = files.public_cert.display(),
         pk = files.public_key.display(),
     );
-    let path = d.join("apilb.toml");
-    std::fs::write(&path, text).expect("config");
+    let path = tls.file("apilb.toml", &text);
     let (code, out, err) = check(&path);
     assert_eq!(code, 0, "warnings must not fail check: {err}");
     assert!(out.contains("configuration is valid"), "{out}");

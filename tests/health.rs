@@ -6,32 +6,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use apilb::demo::pki::{Ca, Pki};
+use apilb::demo::pki::Ca;
 use common::*;
-
-struct Setup {
-    pki: Pki,
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let pki = pki();
-        let dir = tempfile::tempdir().expect("tempdir");
-        pki.write_to(dir.path()).expect("write PKI");
-        Self { pki, dir }
-    }
-
-    fn file(&self, name: &str, text: &str) -> String {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).expect("write");
-        p.display().to_string()
-    }
-
-    fn ca(&self) -> String {
-        self.dir.path().join("ca.crt").display().to_string()
-    }
-}
 
 fn healthy(gw: &Gw, b: &str) -> bool {
     gw.metric("apilb_backend_healthy", &[("pool", "p"), ("backend", b)]) == 1.0
@@ -43,7 +19,7 @@ fn reason(gw: &Gw, b: &str) -> String {
 
 #[tokio::test]
 async fn stopped_backend_leaves_and_rejoins_rotation_in_time() {
-    let s = Setup::new();
+    let s = TlsFixture::new();
     let servers = apiservers(&s.pki, 2, "127.0.0.1").await;
     let addrs: Vec<SocketAddr> = servers.iter().map(|a| a.addr()).collect();
     let gw = gateway(&simple_config(
@@ -68,7 +44,7 @@ async fn stopped_backend_leaves_and_rejoins_rotation_in_time() {
     assert!(took <= Duration::from_millis(1500), "took {took:?}");
     assert_eq!(reason(&gw, "b1"), "connection refused");
 
-    let cfg = client_config(&s.pki, None, &[]);
+    let cfg = s.client(None, &[]);
     for _ in 0..10 {
         let who = within(10, "whoami", whoami(gw.addr(), cfg.clone())).await;
         assert_eq!(
@@ -106,11 +82,11 @@ async fn stopped_backend_leaves_and_rejoins_rotation_in_time() {
 
 #[tokio::test]
 async fn failing_readyz_takes_a_backend_out_with_https_but_not_with_tcp() {
-    let s = Setup::new();
+    let s = TlsFixture::new();
     let servers = apiservers(&s.pki, 1, "127.0.0.1").await;
     let https = gateway(&simple_config(
         &[servers[0].addr()],
-        &format!("[pool.health]\ncheck = \"https\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca()),
+        &format!("[pool.health]\ncheck = \"https\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca().display()),
         "",
     ))
     .await;
@@ -142,7 +118,7 @@ async fn failing_readyz_takes_a_backend_out_with_https_but_not_with_tcp() {
 
 #[tokio::test]
 async fn certificate_problems_are_named_and_ca_rotation_is_trusted() {
-    let s = Setup::new();
+    let s = TlsFixture::new();
     let other_ca = Ca::new("unrelated-ca").expect("CA");
     let new_ca = Ca::new("new-cluster-ca").expect("CA");
     let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -178,7 +154,7 @@ async fn certificate_problems_are_named_and_ca_rotation_is_trusted() {
     );
     let gw = gateway(&simple_config(
         &[unknown.addr(), wrong_name.addr(), rotated.addr(), current.addr()],
-        &format!("[pool.health]\ncheck = \"tls\"\ninterval = \"1h\"\ntimeout = \"2s\"\n[pool.tls]\nca = \"{bundle}\"\nserver_name = \"kubernetes\""),
+        &format!("[pool.health]\ncheck = \"tls\"\ninterval = \"1h\"\ntimeout = \"2s\"\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", bundle.display()),
         "",
     ))
     .await;
@@ -207,7 +183,7 @@ async fn certificate_problems_are_named_and_ca_rotation_is_trusted() {
 
 #[tokio::test]
 async fn anonymous_auth_off_gives_a_hint_and_the_health_certificate_fixes_it() {
-    let s = Setup::new();
+    let s = TlsFixture::new();
     let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let strict = apiserver_with("strict", local, &s.pki.apiserver, &s.pki.ca.cert_pem, false).await;
     let health_id = s
@@ -217,7 +193,7 @@ async fn anonymous_auth_off_gives_a_hint_and_the_health_certificate_fixes_it() {
         .expect("cert");
     let cert = s.file("health.crt", &health_id.cert_pem);
     let key = s.file("health.key", &health_id.key_pem);
-    let base = format!("[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"\n[pool.health]\ncheck = \"https\"\ninterval = \"1h\"\ntimeout = \"2s\"\n", s.ca());
+    let base = format!("[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"\n[pool.health]\ncheck = \"https\"\ninterval = \"1h\"\ntimeout = \"2s\"\n", s.ca().display());
 
     let without = gateway(&simple_config(&[strict.addr()], &base, "")).await;
     eventually(10, "checked", || {
@@ -233,7 +209,11 @@ async fn anonymous_auth_off_gives_a_hint_and_the_health_certificate_fixes_it() {
 
     let with = gateway(&simple_config(
         &[strict.addr()],
-        &format!("{base}client_cert = \"{cert}\"\nclient_key = \"{key}\"\n"),
+        &format!(
+            "{base}client_cert = \"{}\"\nclient_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
         "",
     ))
     .await;
@@ -247,7 +227,7 @@ async fn anonymous_auth_off_gives_a_hint_and_the_health_certificate_fixes_it() {
         "anonymous",
         https_get(
             with.addr(),
-            client_config(&s.pki, None, &[]),
+            s.client(None, &[]),
             "kubernetes",
             "/whoami",
             &[],
@@ -260,7 +240,7 @@ async fn anonymous_auth_off_gives_a_hint_and_the_health_certificate_fixes_it() {
 
 #[tokio::test]
 async fn all_down_fails_open_or_rejects_and_counts_it() {
-    let s = Setup::new();
+    let s = TlsFixture::new();
     let servers = apiservers(&s.pki, 2, "127.0.0.1").await;
     for srv in &servers {
         srv.set_ready(false);
@@ -269,7 +249,7 @@ async fn all_down_fails_open_or_rejects_and_counts_it() {
     for mode in ["fail-open", "reject"] {
         let gw = gateway(&simple_config(
             &addrs,
-            &format!("when_all_down = \"{mode}\"\n[pool.health]\ncheck = \"https\"\ninterval = \"1h\"\ntimeout = \"2s\"\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca()),
+            &format!("when_all_down = \"{mode}\"\n[pool.health]\ncheck = \"https\"\ninterval = \"1h\"\ntimeout = \"2s\"\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca().display()),
             "",
         ))
         .await;
@@ -277,7 +257,7 @@ async fn all_down_fails_open_or_rejects_and_counts_it() {
             !healthy(&gw, "b0") && !healthy(&gw, "b1")
         })
         .await;
-        let cfg = client_config(&s.pki, Some(&s.pki.admin), &[]);
+        let cfg = s.client(Some(&s.pki.admin), &[]);
         if mode == "fail-open" {
             let who = within(10, "served while all down", whoami(gw.addr(), cfg)).await;
             assert_eq!(who.user, "admin");
@@ -286,16 +266,7 @@ async fn all_down_fails_open_or_rejects_and_counts_it() {
                 1.0
             );
         } else {
-            let tcp = tokio::net::TcpStream::connect(gw.addr())
-                .await
-                .expect("connect");
-            let name = rustls::pki_types::ServerName::try_from("kubernetes").expect("name");
-            let r = within(
-                10,
-                "rejected",
-                tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
-            )
-            .await;
+            let r = within(10, "rejected", tls_connect(gw.addr(), cfg, "kubernetes")).await;
             assert!(r.is_err(), "reject must close the connection");
             assert_eq!(
                 gw.metric(
@@ -492,7 +463,7 @@ async fn checks_keep_their_interval_under_client_load_without_flapping() {
 
 #[tokio::test]
 async fn expired_backend_certificate_is_named() {
-    let s = Setup::new();
+    let s = TlsFixture::new();
     let expired = s.pki.ca.server("x", &["kubernetes"], -1).expect("cert");
     let srv = apiserver_with(
         "expired",
@@ -504,7 +475,7 @@ async fn expired_backend_certificate_is_named() {
     .await;
     let gw = gateway(&simple_config(
         &[srv.addr()],
-        &format!("[pool.health]\ncheck = \"tls\"\ninterval = \"1h\"\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca()),
+        &format!("[pool.health]\ncheck = \"tls\"\ninterval = \"1h\"\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca().display()),
         "",
     ))
     .await;
@@ -515,11 +486,11 @@ async fn expired_backend_certificate_is_named() {
 
 #[tokio::test]
 async fn tls_and_https_probes_close_cleanly_where_tcp_probes_do_not() {
-    let s = Setup::new();
+    let s = TlsFixture::new();
     let servers = apiservers(&s.pki, 3, "127.0.0.1").await;
     let tls = format!(
         "[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"\n",
-        s.ca()
+        s.ca().display()
     );
     let mut gws = Vec::new();
     for (srv, check) in servers.iter().zip(["tcp", "tls", "https"]) {
@@ -568,12 +539,12 @@ async fn tls_and_https_probes_close_cleanly_where_tcp_probes_do_not() {
 
 #[tokio::test]
 async fn established_connections_survive_their_backend_turning_unhealthy() {
-    let s = Setup::new();
+    let s = TlsFixture::new();
     let servers = apiservers(&s.pki, 2, "127.0.0.1").await;
     let addrs: Vec<SocketAddr> = servers.iter().map(|a| a.addr()).collect();
     let gw = gateway(&simple_config(
         &addrs,
-        &format!("balance = \"round-robin\"\n[pool.health]\ncheck = \"https\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca()),
+        &format!("balance = \"round-robin\"\n[pool.health]\ncheck = \"https\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca().display()),
         "",
     ))
     .await;
@@ -582,15 +553,10 @@ async fn established_connections_survive_their_backend_turning_unhealthy() {
     })
     .await;
     // A watch through the gateway, on whichever backend it lands.
-    let tcp = tokio::net::TcpStream::connect(gw.addr())
-        .await
-        .expect("connect");
-    let name = rustls::pki_types::ServerName::try_from("kubernetes").expect("name");
     let mut watch = within(
         10,
         "handshake",
-        tokio_rustls::TlsConnector::from(client_config(&s.pki, Some(&s.pki.admin), &[]))
-            .connect(name, tcp),
+        tls_connect(gw.addr(), s.client(Some(&s.pki.admin), &[]), "kubernetes"),
     )
     .await
     .expect("tls");
@@ -611,7 +577,7 @@ async fn established_connections_survive_their_backend_turning_unhealthy() {
     servers[on].set_ready(false);
     let b = format!("b{on}");
     eventually(5, "backend out", || !healthy(&gw, &b)).await;
-    let cfg = client_config(&s.pki, None, &[]);
+    let cfg = s.client(None, &[]);
     for _ in 0..4 {
         let who = within(10, "whoami", whoami(gw.addr(), cfg.clone())).await;
         assert_ne!(who.backend, format!("apiserver-{on}"));

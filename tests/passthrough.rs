@@ -13,9 +13,9 @@ use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn client_certificates_reach_the_apiserver_on_ipv4_and_ipv6() {
-    let pki = pki();
+    let tls = TlsFixture::new();
     for ip in ["127.0.0.1", "::1"] {
-        let servers = apiservers(&pki, 3, ip).await;
+        let servers = apiservers(&tls.pki, 3, ip).await;
         let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
         let listen = if ip == "::1" {
             "[::1]:0"
@@ -33,7 +33,7 @@ async fn client_certificates_reach_the_apiserver_on_ipv4_and_ipv6() {
         let admin = within(
             10,
             "admin whoami",
-            whoami(addr, client_config(&pki, Some(&pki.admin), &[])),
+            whoami(addr, tls.client(Some(&tls.pki.admin), &[])),
         )
         .await;
         assert_eq!(admin.user, "admin");
@@ -43,39 +43,28 @@ async fn client_certificates_reach_the_apiserver_on_ipv4_and_ipv6() {
         let node = within(
             10,
             "node whoami",
-            whoami(addr, client_config(&pki, Some(&pki.node), &[])),
+            whoami(addr, tls.client(Some(&tls.pki.node), &[])),
         )
         .await;
         assert_eq!(node.user, "system:node:worker0");
         assert_eq!(node.groups, ["system:nodes"]);
 
-        let anon = within(
-            10,
-            "anonymous whoami",
-            whoami(addr, client_config(&pki, None, &[])),
-        )
-        .await;
+        let anon = within(10, "anonymous whoami", whoami(addr, tls.client(None, &[]))).await;
         assert_eq!(anon.user, "system:anonymous");
         assert_eq!(anon.authenticated_by, "anonymous");
 
         // HTTP/2 negotiated end to end by the client and the apiserver, not by the gateway.
-        let h2 = client_config(&pki, Some(&pki.admin), &["h2"]);
-        let tcp = TcpStream::connect(addr).await.expect("connect");
-        let name = rustls::pki_types::ServerName::try_from("kubernetes").expect("name");
-        let tls = within(
-            10,
-            "h2 handshake",
-            tokio_rustls::TlsConnector::from(h2).connect(name, tcp),
-        )
-        .await
-        .expect("handshake");
-        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let h2 = tls.client(Some(&tls.pki.admin), &["h2"]);
+        let conn = within(10, "h2 handshake", tls_connect(addr, h2, "kubernetes"))
+            .await
+            .expect("handshake");
+        assert_eq!(conn.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
 
         assert_eq!(
             gw.metric("apilb_listener_connections_total", &[("listener", "l")]),
             4.0
         );
-        drop(tls);
+        drop(conn);
         gw.shutdown().await;
     }
 }
@@ -106,10 +95,9 @@ async fn run(cmd: &str, args: Vec<String>) -> String {
 
 #[tokio::test]
 async fn curl_and_kubectl_are_identified_by_their_certificates() {
-    let pki = pki();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let files = pki.write_to(dir.path()).expect("write PKI");
-    let servers = apiservers(&pki, 3, "127.0.0.1").await;
+    let tls = TlsFixture::new();
+    let files = &tls.files;
+    let servers = apiservers(&tls.pki, 3, "127.0.0.1").await;
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
     let gw = gateway(&simple_config(&addrs, "", "")).await;
     let url = format!("https://127.0.0.1:{}/whoami", gw.addr().port());
@@ -179,12 +167,10 @@ async fn curl_and_kubectl_are_identified_by_their_certificates() {
     );
     assert!(out.contains("Verify return code: 0"), "{out}");
 
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        apilb::demo::kubeconfig_yaml(&format!("https://127.0.0.1:{}", gw.addr().port()), &pki),
-    )
-    .expect("kubeconfig");
+    let kubeconfig = tls.file(
+        "kubeconfig",
+        &apilb::demo::kubeconfig_yaml(&format!("https://127.0.0.1:{}", gw.addr().port()), &tls.pki),
+    );
     let body = run(
         "kubectl",
         vec![
@@ -329,9 +315,7 @@ async fn random_two_stays_within_bounds() {
 
 #[tokio::test]
 async fn refused_and_silent_backends_are_skipped() {
-    let pki = pki();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let files = pki.write_to(dir.path()).expect("PKI");
+    let tls = TlsFixture::new();
     let echo = EchoServer::start().await;
     let hole = Blackhole::new();
     let closed = closed_port();
@@ -343,7 +327,7 @@ async fn refused_and_silent_backends_are_skipped() {
             "balance = \"round-robin\"\nconnect_timeout = \"500ms\"\nconnect_attempts = 3\n\
              [pool.health]\ncheck = \"tls\"\ninterval = \"1h\"\ntimeout = \"300ms\"\n\
              [pool.tls]\nca = \"{}\"\n",
-            files.ca.display()
+            tls.ca().display()
         ),
         "",
     ))
@@ -395,6 +379,8 @@ async fn no_reachable_backend_closes_the_client_and_counts_it() {
     ))
     .await;
     let mut s = TcpStream::connect(gw.addr()).await.expect("connect");
+    // A client that speaks: no backend is tried before the first bytes arrive.
+    let _ = s.write_all(b"x").await;
     let mut b = [0u8; 1];
     let n = within(10, "closed", s.read(&mut b)).await.unwrap_or(0);
     assert_eq!(n, 0);

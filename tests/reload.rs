@@ -4,7 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,41 +183,24 @@ async fn added_backends_take_traffic_once_checked_and_removed_ones_drain() {
     gw.shutdown().await;
 }
 
-struct TlsEnv {
-    pki: apilb::demo::pki::Pki,
-    dir: tempfile::TempDir,
-}
-
-impl TlsEnv {
-    fn new() -> Self {
-        let pki = pki();
-        let dir = tempfile::tempdir().expect("tempdir");
-        pki.write_to(dir.path()).expect("PKI");
-        Self { pki, dir }
-    }
-    fn p(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-fn terminate_config(e: &TlsEnv, backends: &[SocketAddr], ca: &Path, listen: &str) -> String {
+fn terminate_config(e: &TlsFixture, backends: &[SocketAddr], ca: &Path, listen: &str) -> String {
     format!(
         "[[pool]]\nname = \"p\"\n[pool.health]\ncheck = \"tls\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"\n{}\n\
          [[listener]]\nname = \"l\"\nlisten = \"{listen}\"\nmode = \"terminate\"\npool = \"p\"\n\
          [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
         ca.display(),
         backends_toml(backends),
-        e.p("public.crt").display(),
-        e.p("public.key").display(),
+        e.path("public.crt").display(),
+        e.path("public.key").display(),
     )
 }
 
 #[tokio::test]
 async fn bad_configs_change_nothing_and_are_counted() {
-    let e = TlsEnv::new();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
-    let path = e.p("apilb.toml");
-    let good = terminate_config(&e, &[servers[0].addr()], &e.p("ca.crt"), "127.0.0.1:0");
+    let path = e.path("apilb.toml");
+    let good = terminate_config(&e, &[servers[0].addr()], &e.ca(), "127.0.0.1:0");
     write_atomic(&path, &good);
     let gw = gateway_file(&path).await;
     let addr = gw.addr();
@@ -227,9 +210,9 @@ async fn bad_configs_change_nothing_and_are_counted() {
         .public_ca
         .server("x", &["localhost"], 30)
         .expect("cert");
-    std::fs::write(e.p("other.key"), &other.key_pem).expect("w");
-    let pem = std::fs::read_to_string(e.p("public.crt")).expect("read");
-    std::fs::write(e.p("truncated.crt"), &pem[..pem.len() / 2]).expect("w");
+    e.file("other.key", &other.key_pem);
+    let pem = std::fs::read_to_string(e.path("public.crt")).expect("read");
+    e.file("truncated.crt", &pem[..pem.len() / 2]);
     let cases: Vec<(&str, String)> = vec![
         (
             "syntax error",
@@ -263,17 +246,7 @@ async fn bad_configs_change_nothing_and_are_counted() {
         ),
         ("truncated PEM", good.replace("public.crt", "truncated.crt")),
     ];
-    let client = {
-        let roots =
-            apilb::tls::roots_from_pem(e.pki.public_ca.cert_pem.as_bytes(), "p").expect("roots");
-        Arc::new(
-            rustls::ClientConfig::builder_with_provider(apilb::tls::provider())
-                .with_safe_default_protocol_versions()
-                .expect("v")
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
-    };
+    let client = e.public_client(None, &[]);
     for (what, text) in cases {
         assert_ne!(text, good, "{what}: the case did not change the config");
         let before = failures(&gw);
@@ -317,34 +290,19 @@ fn peer_cert(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<u8> {
 
 #[tokio::test]
 async fn certificate_replaced_by_rename_is_served_without_sighup() {
-    let e = TlsEnv::new();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
-    let path = e.p("apilb.toml");
+    let path = e.path("apilb.toml");
     write_atomic(
         &path,
-        &terminate_config(&e, &[servers[0].addr()], &e.p("ca.crt"), "127.0.0.1:0"),
+        &terminate_config(&e, &[servers[0].addr()], &e.ca(), "127.0.0.1:0"),
     );
     let gw = gateway_file(&path).await;
     let addr = gw.addr();
-    let roots =
-        apilb::tls::roots_from_pem(e.pki.public_ca.cert_pem.as_bytes(), "p").expect("roots");
-    let mut cfg = rustls::ClientConfig::builder_with_provider(apilb::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("v")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let cfg = Arc::new(cfg);
+    let cfg = e.public_client(None, &["http/1.1"]);
     let connect = || {
         let cfg = cfg.clone();
-        async move {
-            let tcp = TcpStream::connect(addr).await.expect("tcp");
-            let name = rustls::pki_types::ServerName::try_from("localhost").expect("n");
-            tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
-                .await
-                .expect("tls")
-        }
+        async move { tls_connect(addr, cfg, "localhost").await.expect("tls") }
     };
     // An established session (an upgraded echo stream) from before the rotation.
     let mut old = within(10, "old", connect()).await;
@@ -363,10 +321,10 @@ async fn certificate_replaced_by_rename_is_served_without_sighup() {
         .public_ca
         .server("apilb.demo.test", &["localhost"], 90)
         .expect("cert");
-    std::fs::write(e.p("public.key.new"), &new.key_pem).expect("w");
-    std::fs::write(e.p("public.crt.new"), &new.cert_pem).expect("w");
-    std::fs::rename(e.p("public.key.new"), e.p("public.key")).expect("mv");
-    std::fs::rename(e.p("public.crt.new"), e.p("public.crt")).expect("mv");
+    e.file("public.key.new", &new.key_pem);
+    e.file("public.crt.new", &new.cert_pem);
+    std::fs::rename(e.path("public.key.new"), e.path("public.key")).expect("mv");
+    std::fs::rename(e.path("public.crt.new"), e.path("public.crt")).expect("mv");
 
     let rotated = within(15, "new certificate served", async {
         loop {
@@ -400,15 +358,15 @@ async fn certificate_replaced_by_rename_is_served_without_sighup() {
 
 #[tokio::test]
 async fn ca_rotation_keeps_the_backend_healthy() {
-    let e = TlsEnv::new();
+    let e = TlsFixture::new();
     let new_ca = apilb::demo::pki::Ca::new("new-cluster-ca").expect("ca");
     let local: SocketAddr = "127.0.0.1:0".parse().expect("a");
     let srv = apiserver_with("a", local, &e.pki.apiserver, &e.pki.ca.cert_pem, true).await;
     let backend = srv.addr();
-    let path = e.p("apilb.toml");
+    let path = e.path("apilb.toml");
     write_atomic(
         &path,
-        &terminate_config(&e, &[backend], &e.p("ca.crt"), "127.0.0.1:0"),
+        &terminate_config(&e, &[backend], &e.ca(), "127.0.0.1:0"),
     );
     let gw = gateway_file(&path).await;
     eventually(5, "checked", || {
@@ -422,11 +380,8 @@ async fn ca_rotation_keeps_the_backend_healthy() {
         tokio::spawn(async move {
             let mut min = 1.0f64;
             for _ in 0..60 {
-                let v = metric_value(
-                    &m.encode(),
-                    "apilb_backend_healthy",
-                    &[("pool", "p"), ("backend", "b0")],
-                );
+                let v = Metrics::parse(&m.encode())
+                    .value("apilb_backend_healthy", &[("pool", "p"), ("backend", "b0")]);
                 min = min.min(v);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -434,14 +389,13 @@ async fn ca_rotation_keeps_the_backend_healthy() {
         })
     };
     // Step 1: trust old + new.
-    std::fs::write(
-        e.p("bundle.pem"),
-        format!("{}{}", e.pki.ca.cert_pem, new_ca.cert_pem),
-    )
-    .expect("w");
+    let bundle = e.file(
+        "bundle.pem",
+        &format!("{}{}", e.pki.ca.cert_pem, new_ca.cert_pem),
+    );
     write_atomic(
         &path,
-        &terminate_config(&e, &[backend], &e.p("bundle.pem"), "127.0.0.1:0"),
+        &terminate_config(&e, &[backend], &bundle, "127.0.0.1:0"),
     );
     within(10, "reload", gw.handle().reloader().reload())
         .await

@@ -4,34 +4,21 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apilb::demo::apiserver::WhoAmI;
-use apilb::demo::pki::{Ca, Pki, PkiFiles};
+use apilb::demo::pki::Ca;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-struct Env {
-    pki: Pki,
-    files: PkiFiles,
-    _dir: tempfile::TempDir,
-}
-
-fn env() -> Env {
-    let pki = pki();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let files = pki.write_to(dir.path()).expect("PKI");
-    Env {
-        pki,
-        files,
-        _dir: dir,
-    }
-}
-
 /// A terminate listener `l` over `backends`, with `extra` appended to `[listener.tls]`.
-fn terminate_config(e: &Env, backends: &[SocketAddr], pool_extra: &str, tls_extra: &str) -> String {
+fn terminate_config(
+    e: &TlsFixture,
+    backends: &[SocketAddr],
+    pool_extra: &str,
+    tls_extra: &str,
+) -> String {
     format!(
         "[[pool]]\nname = \"p\"\n{pool_extra}\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"\n{}\n\
          [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nmode = \"terminate\"\npool = \"p\"\n\
@@ -41,43 +28,6 @@ fn terminate_config(e: &Env, backends: &[SocketAddr], pool_extra: &str, tls_extr
         e.files.public_cert.display(),
         e.files.public_key.display(),
     )
-}
-
-/// A client that trusts the public CA.
-fn public_client(
-    e: &Env,
-    identity: Option<&apilb::demo::pki::CertKey>,
-    alpn: &[&str],
-) -> Arc<rustls::ClientConfig> {
-    let roots =
-        apilb::tls::roots_from_pem(e.pki.public_ca.cert_pem.as_bytes(), "public").expect("roots");
-    let b = rustls::ClientConfig::builder_with_provider(apilb::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots);
-    let mut c = match identity {
-        Some(id) => b
-            .with_client_auth_cert(
-                apilb::tls::certs_from_pem(id.cert_pem.as_bytes(), "c").expect("c"),
-                apilb::tls::key_from_pem(id.key_pem.as_bytes(), "k").expect("k"),
-            )
-            .expect("auth"),
-        None => b.with_no_client_auth(),
-    };
-    c.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Arc::new(c)
-}
-
-async fn tls_to(
-    addr: SocketAddr,
-    cfg: Arc<rustls::ClientConfig>,
-    name: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
-    tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, tcp)
-        .await
 }
 
 fn curl(args: &[&str]) -> String {
@@ -95,7 +45,7 @@ fn curl(args: &[&str]) -> String {
 
 #[tokio::test]
 async fn curl_gets_http2_and_http1_end_to_end_with_a_token() {
-    let e = env();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 2, "127.0.0.1").await;
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
     let gw = gateway(&terminate_config(&e, &addrs, "", "")).await;
@@ -128,7 +78,7 @@ async fn curl_gets_http2_and_http1_end_to_end_with_a_token() {
 
 #[tokio::test]
 async fn a_client_certificate_never_reaches_the_backend() {
-    let e = env();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
     let gw = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
     // Offered by a rustls client ...
@@ -137,7 +87,7 @@ async fn a_client_certificate_never_reaches_the_backend() {
         "whoami",
         https_get(
             gw.addr(),
-            public_client(&e, Some(&e.pki.admin), &[]),
+            e.public_client(Some(&e.pki.admin), &[]),
             "localhost",
             "/whoami",
             &[],
@@ -175,18 +125,14 @@ async fn a_client_certificate_never_reaches_the_backend() {
 
 #[tokio::test]
 async fn http1_upgrade_streams_both_ways_and_64_mib_arrive_intact() {
-    let e = env();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
     let gw = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
     // kubectl exec asks for http/1.1 only, to be able to upgrade.
     let tls = within(
         10,
         "handshake",
-        tls_to(
-            gw.addr(),
-            public_client(&e, None, &["http/1.1"]),
-            "localhost",
-        ),
+        tls_connect(gw.addr(), e.public_client(None, &["http/1.1"]), "localhost"),
     )
     .await
     .expect("tls");
@@ -230,20 +176,18 @@ async fn http1_upgrade_streams_both_ways_and_64_mib_arrive_intact() {
 #[tokio::test]
 async fn kubectl_with_a_token_kubeconfig_goes_through() {
     use base64::Engine as _;
-    let e = env();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 2, "127.0.0.1").await;
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
     let gw = gateway(&terminate_config(&e, &addrs, "", "")).await;
-    let kubeconfig = e.files.dir.join("token-kubeconfig");
     let ca = base64::engine::general_purpose::STANDARD.encode(e.pki.public_ca.cert_pem.as_bytes());
-    std::fs::write(
-        &kubeconfig,
-        format!(
+    let kubeconfig = e.file(
+        "token-kubeconfig",
+        &format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://localhost:{}\n    certificate-authority-data: {ca}\nusers:\n- name: u\n  user:\n    token: {TOKEN}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
             gw.addr().port()
         ),
-    )
-    .expect("kubeconfig");
+    );
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("kubectl")
             .args([
@@ -274,16 +218,14 @@ async fn kubectl_with_a_token_kubeconfig_goes_through() {
 
 #[tokio::test]
 async fn sni_picks_the_certificate_and_unknown_names_get_the_default() {
-    let e = env();
+    let e = TlsFixture::new();
     let other = e
         .pki
         .public_ca
         .server("other", &["other.test"], 30)
         .expect("cert");
-    let cert = e.files.dir.join("other.crt");
-    let key = e.files.dir.join("other.key");
-    std::fs::write(&cert, &other.cert_pem).expect("w");
-    std::fs::write(&key, &other.key_pem).expect("w");
+    let cert = e.file("other.crt", &other.cert_pem);
+    let key = e.file("other.key", &other.key_pem);
     let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
     let gw = gateway(&terminate_config(
         &e,
@@ -296,33 +238,35 @@ async fn sni_picks_the_certificate_and_unknown_names_get_the_default() {
         ),
     ))
     .await;
-    let cfg = public_client(&e, None, &[]);
+    let cfg = e.public_client(None, &[]);
     // other.test verifies only against the SNI certificate ...
-    within(10, "sni", tls_to(gw.addr(), cfg.clone(), "other.test"))
+    within(10, "sni", tls_connect(gw.addr(), cfg.clone(), "other.test"))
         .await
         .expect("SNI certificate served");
     // ... and apilb.demo.test, configured nowhere, gets the default, which covers it.
     within(
         10,
         "default",
-        tls_to(gw.addr(), cfg.clone(), "apilb.demo.test"),
+        tls_connect(gw.addr(), cfg.clone(), "apilb.demo.test"),
     )
     .await
     .expect("default certificate served");
     // The default does not cover other.test, so a wrong pick would fail here:
     let default_only = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
-    assert!(
-        within(10, "no sni", tls_to(default_only.addr(), cfg, "other.test"))
-            .await
-            .is_err()
-    );
+    assert!(within(
+        10,
+        "no sni",
+        tls_connect(default_only.addr(), cfg, "other.test")
+    )
+    .await
+    .is_err());
     default_only.shutdown().await;
     gw.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_backend_from_an_unrelated_ca_is_refused_and_counted_without_harm_to_others() {
-    let e = env();
+    let e = TlsFixture::new();
     let stranger = Ca::new("stranger").expect("ca");
     let bad = apiserver_with(
         "bad",
@@ -334,9 +278,14 @@ async fn a_backend_from_an_unrelated_ca_is_refused_and_counted_without_harm_to_o
     .await;
     let good = apiservers(&e.pki, 1, "127.0.0.1").await;
     let gw = gateway(&terminate_config(&e, &[bad.addr(), good[0].addr()], "balance = \"round-robin\"\nconnect_attempts = 1\n[pool.health]\ninterval = \"1h\"\nfall = 1", "")).await;
-    let cfg = public_client(&e, None, &[]);
+    let cfg = e.public_client(None, &[]);
     // The first client lands on the bad backend: its handshake is never completed.
-    let first = within(10, "first", tls_to(gw.addr(), cfg.clone(), "localhost")).await;
+    let first = within(
+        10,
+        "first",
+        tls_connect(gw.addr(), cfg.clone(), "localhost"),
+    )
+    .await;
     assert!(
         first.is_err(),
         "a client was served through an unverified backend"
@@ -372,7 +321,7 @@ async fn a_backend_from_an_unrelated_ca_is_refused_and_counted_without_harm_to_o
 
 #[tokio::test]
 async fn plain_http_garbage_and_silence_are_closed_in_time_and_counted() {
-    let e = env();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
     let gw = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
     let addr = gw.addr();
@@ -398,7 +347,7 @@ async fn plain_http_garbage_and_silence_are_closed_in_time_and_counted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         https_get(
             addr,
-            public_client(&e, None, &[]),
+            e.public_client(None, &[]),
             "localhost",
             "/version",
             &[],
@@ -433,26 +382,11 @@ async fn plain_http_garbage_and_silence_are_closed_in_time_and_counted() {
     gw.shutdown().await;
 }
 
-/// Runs a shell command, failing the test with its output when it fails.
-fn sh(cmd: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .expect("sh");
-    assert!(
-        out.status.success(),
-        "{cmd}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[tokio::test]
 async fn rsa_pkcs1_ecdsa_sec1_and_ed25519_keys_are_served() {
-    let e = env();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
-    let d = e.files.dir.display().to_string();
+    let d = e.dir().display().to_string();
     let req = "-subj /CN=localhost -addext subjectAltName=DNS:localhost -days 2";
     // Keys in the formats operators bring, made by openssl: PKCS#1 RSA, SEC1 ECDSA, PKCS#8 Ed25519.
     let kinds = [
@@ -501,10 +435,10 @@ async fn rsa_pkcs1_ecdsa_sec1_and_ed25519_keys_are_served() {
 #[tokio::test]
 async fn backend_sessions_resume_for_a_burst_of_connections() {
     const BURST: usize = 32;
-    let e = env();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
     let gw = gateway(&terminate_config(&e, &[servers[0].addr()], "", "")).await;
-    let client = public_client(&e, None, &["http/1.1"]);
+    let client = e.public_client(None, &["http/1.1"]);
     let mut resumed = Vec::new();
     for round in 0..2 {
         let before = servers[0].resumed_handshakes();
@@ -513,7 +447,7 @@ async fn backend_sessions_resume_for_a_burst_of_connections() {
         // tickets only once relaying.
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..BURST {
-            set.spawn(tls_to(gw.addr(), client.clone(), "localhost"));
+            set.spawn(tls_connect(gw.addr(), client.clone(), "localhost"));
         }
         let mut conns = Vec::new();
         while let Some(c) = within(20, "handshakes", set.join_next()).await {
@@ -554,7 +488,7 @@ async fn backend_sessions_resume_for_a_burst_of_connections() {
 /// does not know, refuses such a client itself, and the backends stay healthy.
 #[tokio::test]
 async fn bogus_alpn_from_clients_never_marks_backends_down() {
-    let e = env();
+    let e = TlsFixture::new();
     let servers = apiservers(&e.pki, 2, "127.0.0.1").await;
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
     // fall = 1 and no periodic check: a single charged failure would flip a backend.
@@ -578,7 +512,7 @@ async fn bogus_alpn_from_clients_never_marks_backends_down() {
             let r = within(
                 10,
                 "bogus",
-                tls_to(gw.addr(), public_client(&e, None, offer), "localhost"),
+                tls_connect(gw.addr(), e.public_client(None, offer), "localhost"),
             )
             .await;
             let Err(e) = r else {
@@ -615,9 +549,9 @@ async fn bogus_alpn_from_clients_never_marks_backends_down() {
     let mut s = within(
         10,
         "mixed offer",
-        tls_to(
+        tls_connect(
             gw.addr(),
-            public_client(&e, None, &["bogus", "http/1.1"]),
+            e.public_client(None, &["bogus", "http/1.1"]),
             "localhost",
         ),
     )
