@@ -538,6 +538,44 @@ fn expired_certificate_fails_check_but_not_run() {
     );
     assert!(err.contains("apilb.toml:7:"), "{err}");
 
+    // Round-2 hardening, item 2: the shipped unit's ExecStartPre, run as systemd would run
+    // it, passes on this config, since `run` would start (it used to be plain `check`, which
+    // kept the service down after any restart).
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/apilb.service"
+    ))
+    .expect("unit");
+    let pre = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStartPre="))
+        .expect("ExecStartPre");
+    let args: Vec<String> = pre
+        .split_whitespace()
+        .skip(1)
+        .map(|a| {
+            if a == "/etc/apilb/apilb.toml" {
+                path.display().to_string()
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    let out = Command::new(bin())
+        .args(&args)
+        .output()
+        .expect("ExecStartPre");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "ExecStartPre {args:?} failed: {err}"
+    );
+    assert!(
+        err.contains("expired at"),
+        "the expiry is still reported: {err}"
+    );
+
     // `run` starts anyway and says so: one stale certificate must not take every listener down.
     let (mut child, _addr, _logs, early) = run_gateway(&path, &[]);
     signal(child.id(), "TERM");

@@ -597,3 +597,25 @@ async fn established_connections_survive_their_backend_turning_unhealthy() {
     drop(watch);
     gw.shutdown().await;
 }
+
+/// Round-2 hardening, item 8: the https check waited for the connection to finish while it
+/// still held the response, so a body of more than one frame (`/readyz?verbose`, chunked)
+/// was reported as "timeout". The verdict comes from the status line.
+#[tokio::test]
+async fn https_checks_judge_long_chunked_answers_by_their_status() {
+    let s = TlsFixture::new();
+    let servers = apiservers(&s.pki, 1, "127.0.0.1").await;
+    let gw = gateway(&simple_config(
+        &[servers[0].addr()],
+        &format!("[pool.health]\ncheck = \"https\"\npath = \"/readyz?verbose\"\ninterval = \"300ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"", s.ca().display()),
+        "",
+    ))
+    .await;
+    eventually(5, "verbose check passes", || reason(&gw, "b0") == "ok").await;
+    servers[0].set_ready(false);
+    eventually(5, "verbose check fails", || !healthy(&gw, "b0")).await;
+    assert_eq!(reason(&gw, "b0"), "status 500");
+    servers[0].set_ready(true);
+    eventually(5, "passes again", || healthy(&gw, "b0")).await;
+    gw.shutdown().await;
+}

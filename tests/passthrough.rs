@@ -521,3 +521,134 @@ async fn shutdown_drains_open_connections_then_closes_the_rest() {
     let n = within(5, "closed", open.read(&mut b)).await.unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+/// SPEC §3 Silent clients (round-2 hardening, item 4): a client that sends nothing holds no
+/// backend connection, and is closed after first_byte_timeout, counted as client_silent; one
+/// that closes at once is not proxied at all; `0s` turns the wait off for server-first
+/// protocols.
+#[tokio::test]
+async fn silent_clients_never_reach_a_backend_and_are_closed_in_time() {
+    let echo = EchoServer::start().await;
+    let count = || echo.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let health = "[pool.health]\ninterval = \"1h\"";
+    let gw = gateway(&simple_config(
+        &[echo.addr],
+        health,
+        "first_byte_timeout = \"300ms\"",
+    ))
+    .await;
+    // The first health check connects too; count from after it.
+    eventually(5, "first check", || {
+        gw.handle()
+            .backend_status("p", "b0")
+            .is_some_and(|s| s.last_check.is_some())
+    })
+    .await;
+    let base = count();
+    let accepted = || count() - base;
+    let started = std::time::Instant::now();
+    let mut silent = within(5, "connect", TcpStream::connect(gw.addr()))
+        .await
+        .expect("connect");
+    let closer = within(5, "connect", TcpStream::connect(gw.addr()))
+        .await
+        .expect("connect");
+    drop(closer);
+    let mut b = [0u8; 1];
+    let n = within(5, "closed", silent.read(&mut b)).await.unwrap_or(0);
+    assert_eq!(n, 0, "a silent client was kept open");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    assert_eq!(
+        accepted(),
+        0,
+        "a backend connection was opened for a client that said nothing"
+    );
+    assert_eq!(
+        gw.metric(
+            "apilb_listener_closed_total",
+            &[("listener", "l"), ("end", "client_silent")]
+        ),
+        1.0
+    );
+    // A client that speaks is served as always.
+    drop(within(10, "echo", echo_once(gw.addr())).await);
+    assert_eq!(accepted(), 1);
+    gw.shutdown().await;
+
+    let gw = gateway(&simple_config(
+        &[echo.addr],
+        health,
+        "first_byte_timeout = \"0s\"",
+    ))
+    .await;
+    eventually(5, "first check", || {
+        gw.handle()
+            .backend_status("p", "b0")
+            .is_some_and(|s| s.last_check.is_some())
+    })
+    .await;
+    let base = count();
+    let quiet = within(5, "connect", TcpStream::connect(gw.addr()))
+        .await
+        .expect("connect");
+    eventually(5, "connected at once with the wait off", || {
+        count() == base + 1
+    })
+    .await;
+    drop(quiet);
+    gw.shutdown().await;
+}
+
+/// SPEC §3 Shutdown with `[admin] shutdown_grace` (round-2 hardening, item 6): /readyz fails
+/// at once while the listener still accepts and serves for the grace, then accepting stops;
+/// Handle::hurry (a second signal) skips what is left.
+#[tokio::test]
+async fn shutdown_grace_fails_readyz_first_and_keeps_accepting() {
+    let echo = EchoServer::start().await;
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1500ms\"\n{}",
+        simple_config(&[echo.addr], "drain_timeout = \"1s\"", "")
+    );
+    let mut gw = gateway(&text).await;
+    let (addr, admin) = (gw.addr(), gw.handle().admin_addr().expect("admin"));
+    let (status, _, _) = within(5, "ready", admin_request(admin, "GET", "/readyz")).await;
+    assert_eq!(status, 200);
+    let began = std::time::Instant::now();
+    gw.begin_shutdown();
+    let mut phase = gw.handle().phase();
+    within(
+        5,
+        "draining",
+        phase.wait_for(|p| *p == apilb::Phase::Draining),
+    )
+    .await
+    .expect("phase");
+    let (status, _, body) = within(5, "not ready", admin_request(admin, "GET", "/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    // Still accepting and serving during the grace.
+    drop(within(5, "served in the grace", echo_once(addr)).await);
+    assert!(began.elapsed() < std::time::Duration::from_millis(1500));
+    // After it, refused.
+    within(10, "refused after the grace", async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(began.elapsed() >= std::time::Duration::from_millis(1400));
+    gw.shutdown().await;
+
+    // A second signal skips a long grace and the drain.
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1h\"\n{}",
+        simple_config(&[echo.addr], "drain_timeout = \"1h\"", "")
+    );
+    let mut gw = gateway(&text).await;
+    let held = within(10, "held", echo_once(gw.addr())).await;
+    gw.begin_shutdown();
+    gw.handle().hurry();
+    let report = gw.shutdown().await;
+    assert_eq!(report.forced, 1, "the open connection was closed at once");
+    drop(held);
+}

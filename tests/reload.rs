@@ -108,7 +108,8 @@ async fn added_backends_take_traffic_once_checked_and_removed_ones_drain() {
     let path = dir.path().join("apilb.toml");
     let config = |addrs: &[SocketAddr]| {
         format!(
-            "[[pool]]\nname = \"p\"\nbalance = \"round-robin\"\ndrain_timeout = \"600ms\"\n[pool.health]\ninterval = \"1h\"\n{}\n\
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[pool]]\nname = \"p\"\nbalance = \"round-robin\"\ndrain_timeout = \"600ms\"\n[pool.health]\ninterval = \"1h\"\n{}\n\
              [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n",
             backends_toml(addrs)
         )
@@ -151,6 +152,34 @@ async fn added_backends_take_traffic_once_checked_and_removed_ones_drain() {
         .await
         .expect("reload");
     assert_eq!(summary.backends_removed, [format!("p/{}", echos[1].addr)]);
+    // While its connection is open, the removed backend is reported as draining (SPEC §4).
+    let admin = gw.handle().admin_addr().expect("admin");
+    let removed = echos[1].addr.to_string();
+    let b1_state = || async {
+        let (_, _, body) = admin_request(admin, "GET", "/api/status").await;
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v["pools"][0]["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .find(|b| b["address"] == removed.as_str())
+            .map(|b| {
+                (
+                    b["state"].as_str().unwrap_or("").to_string(),
+                    b["active"].as_u64(),
+                )
+            })
+    };
+    assert_eq!(
+        within(5, "status", b1_state()).await,
+        Some(("draining".to_string(), Some(1))),
+        "a removed backend with an open connection must show as draining"
+    );
+    let (_, _, page) = within(5, "page", admin_request(admin, "GET", "/status")).await;
+    assert!(
+        page.contains("badge draining"),
+        "the status page shows no draining backend"
+    );
     let b1_before = accepted(1);
     for _ in 0..6 {
         drop(within(10, "after remove", echo_once(addr)).await);
@@ -171,6 +200,11 @@ async fn added_backends_take_traffic_once_checked_and_removed_ones_drain() {
         ) == 1.0
     })
     .await;
+    assert_eq!(
+        within(5, "status", b1_state()).await,
+        None,
+        "a drained backend is no longer shown"
+    );
     let mut on_b0 = on_b0;
     on_b0
         .write_all(b"k")

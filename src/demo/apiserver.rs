@@ -377,6 +377,89 @@ fn text(status: StatusCode, body: &'static str) -> Response<RespBody> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
+/// The checks kube-apiserver lists under `/readyz?verbose` (a subset, in its order).
+const READYZ_CHECKS: &[&str] = &[
+    "ping",
+    "log",
+    "etcd",
+    "etcd-readiness",
+    "informer-sync",
+    "api-priority-and-fairness",
+    "poststarthook/start-apiserver-admission-initializer",
+    "poststarthook/generic-apiserver-start-informers",
+    "poststarthook/priority-and-fairness-config-consumer",
+    "poststarthook/priority-and-fairness-filter",
+    "poststarthook/storage-object-count-tracker-hook",
+    "poststarthook/start-apiextensions-informers",
+    "poststarthook/start-apiextensions-controllers",
+    "poststarthook/crd-informer-synced",
+    "poststarthook/start-system-namespaces-controller",
+    "poststarthook/bootstrap-controller",
+    "poststarthook/rbac/bootstrap-roles",
+    "poststarthook/scheduling/bootstrap-system-priority-classes",
+    "poststarthook/priority-and-fairness-config-producer",
+    "poststarthook/start-cluster-authentication-info-controller",
+    "poststarthook/start-kube-apiserver-identity-lease-controller",
+    "poststarthook/aggregator-reload-proxy-client-cert",
+    "poststarthook/start-kube-aggregator-informers",
+    "poststarthook/apiservice-registration-controller",
+    "poststarthook/apiservice-status-available-controller",
+    "poststarthook/kube-apiserver-autoregistration",
+    "autoregister-completion",
+    "poststarthook/apiservice-openapi-controller",
+    "shutdown",
+];
+
+/// `/readyz?verbose`: one line per check, sent as one chunk per line, as a long answer that
+/// arrives in many frames (what a health check must handle without waiting for the end).
+fn verbose_readyz(ready: bool) -> Response<RespBody> {
+    let mut frames: std::collections::VecDeque<Bytes> = READYZ_CHECKS
+        .iter()
+        .map(|c| {
+            let failed = !ready && *c == "shutdown";
+            Bytes::from(format!(
+                "[{}]{c} {}\n",
+                if failed { "-" } else { "+" },
+                if failed {
+                    "failed: reason withheld"
+                } else {
+                    "ok"
+                }
+            ))
+        })
+        .collect();
+    frames.push_back(Bytes::from_static(if ready {
+        b"readyz check passed\n"
+    } else {
+        b"readyz check failed\n"
+    }));
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(BodyExt::boxed(Frames(frames)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+/// A body of the given frames, one per poll (chunked on the wire).
+struct Frames(std::collections::VecDeque<Bytes>);
+
+impl Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+}
+
 fn status_error(code: StatusCode, reason: &str, message: &str) -> Response<RespBody> {
     json(
         code,
@@ -419,6 +502,13 @@ fn route(req: &Request<Incoming>, shared: &Shared, cert: Option<&Identity>) -> R
             }),
         ),
         "/healthz" | "/livez" => text(StatusCode::OK, "ok"),
+        "/readyz"
+            if query
+                .split('&')
+                .any(|p| p == "verbose" || p.starts_with("verbose=")) =>
+        {
+            verbose_readyz(shared.ready.load(Ordering::Relaxed))
+        }
         "/readyz" => {
             if shared.ready.load(Ordering::Relaxed) {
                 text(StatusCode::OK, "ok")

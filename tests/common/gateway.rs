@@ -53,6 +53,13 @@ impl Gw {
         self.metrics().value(name, labels)
     }
 
+    /// Fires the shutdown future without waiting for the drain.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
     pub async fn shutdown(mut self) -> apilb::ShutdownReport {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
