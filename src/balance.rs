@@ -38,8 +38,7 @@ pub(crate) struct Backend {
     pub addr: SocketAddr,
     /// Relative share of new connections.
     pub weight: u32,
-    /// Metric handles; `metrics.active` is also the least-conn load figure, so the count of
-    /// open connections exists exactly once.
+    /// Metric handles, resolved once by name.
     pub metrics: BackendMetrics,
     /// Health state; the data path reads one atomic flag of it. Shared with the next
     /// snapshot's backend of the same address, even if its name or weight changed.
@@ -49,6 +48,10 @@ pub(crate) struct Backend {
     pub drain: CancellationToken,
     /// When the slow-start ramp began, as [`now_ms`] + 1; 0 while not ramping.
     ramp_start: AtomicU64,
+    /// Connections open to (or being opened to) this backend: the figure least-conn compares.
+    /// Its own count, shared with renamed copies, rather than the gauge: a renamed backend gets
+    /// a new gauge, and a new backend under an old name would share the old one's.
+    load: Arc<AtomicU64>,
 }
 
 impl Backend {
@@ -73,6 +76,7 @@ impl Backend {
             health: Arc::new(BackendHealth::new(healthy)),
             drain: drain.child_token(),
             ramp_start: AtomicU64::new(0),
+            load: Arc::default(),
         }
     }
 
@@ -89,6 +93,7 @@ impl Backend {
             health: self.health.clone(),
             drain: self.drain.clone(),
             ramp_start: AtomicU64::new(self.ramp_start.load(Ordering::Relaxed)),
+            load: self.load.clone(),
         }
     }
 
@@ -117,7 +122,7 @@ impl Backend {
 
     /// Connections open to (or being opened to) this backend.
     pub(crate) fn active(&self) -> u64 {
-        u64::try_from(self.metrics.active.get()).unwrap_or(0)
+        self.load.load(Ordering::Relaxed)
     }
 }
 
@@ -128,6 +133,7 @@ pub(crate) struct ActiveGuard(Arc<Backend>);
 impl ActiveGuard {
     /// Marks a new connection to `backend` as active.
     pub(crate) fn new(backend: Arc<Backend>) -> Self {
+        backend.load.fetch_add(1, Ordering::Relaxed);
         backend.metrics.active.inc();
         Self(backend)
     }
@@ -140,6 +146,7 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        self.0.load.fetch_sub(1, Ordering::Relaxed);
         self.0.metrics.active.dec();
     }
 }
@@ -611,5 +618,40 @@ mod tests {
             p3.backends[1].health.is_healthy(),
             "carried over, not a new backend"
         );
+    }
+
+    /// Round-2 hardening, item 9: least-conn counted through the gauge of the backend's name,
+    /// so a renamed backend looked idle and a new backend under an old name looked busy.
+    #[test]
+    fn the_load_figure_follows_the_backend_not_its_name() {
+        let metrics = Metrics::new();
+        let base = pool(Balance::LeastConn, &[1, 1]);
+        let p1 = Pool::new(base.cfg, &metrics, None, true, &CancellationToken::new());
+        let _held = [
+            ActiveGuard::new(p1.backends[0].clone()),
+            ActiveGuard::new(p1.backends[0].clone()),
+        ];
+        // b0 renamed: still two open connections.
+        let mut cfg = (*p1.cfg).clone();
+        cfg.backends[0].name = "renamed".into();
+        let p2 = Pool::new(
+            Arc::new(cfg.clone()),
+            &metrics,
+            Some(&p1),
+            false,
+            &CancellationToken::new(),
+        );
+        assert_eq!(p2.backends[0].active(), 2);
+        // A new address under b0's old name: a new backend with nothing open.
+        cfg.backends[0].name = p1.backends[0].name.clone();
+        cfg.backends[0].addr = "10.9.9.9:6443".parse().expect("addr");
+        let p3 = Pool::new(
+            Arc::new(cfg),
+            &metrics,
+            Some(&p2),
+            false,
+            &CancellationToken::new(),
+        );
+        assert_eq!(p3.backends[0].active(), 0);
     }
 }

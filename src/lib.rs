@@ -35,6 +35,7 @@
 
 mod admin;
 mod balance;
+mod budget;
 mod close;
 pub mod config;
 mod connect;

@@ -18,6 +18,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::Budget;
 use crate::config::Mode;
 use crate::snapshot::ListenerSnapshot;
 
@@ -31,11 +32,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 struct Admitted {
     _permit: OwnedSemaphorePermit,
     active: IntGauge,
+    /// The process-wide slot, given back with the rest.
+    budget: Arc<Budget>,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.active.dec();
+        self.budget.give();
     }
 }
 
@@ -106,11 +110,23 @@ impl AcceptLoop {
             drop(stream);
             return;
         };
+        if !state.budget.try_take() {
+            state.metrics.rejected_max_connections.inc();
+            tracing::debug!(
+                listener = %state.cfg.name,
+                client = %client,
+                budget = state.budget.max(),
+                "refused: the process-wide connection budget is spent"
+            );
+            drop(stream);
+            return;
+        }
         state.metrics.connections.inc();
         state.metrics.active.inc();
         let admitted = Admitted {
             _permit: permit,
             active: state.metrics.active.clone(),
+            budget: state.budget.clone(),
         };
         self.tracker
             .spawn(connection(stream, client, state, admitted));
@@ -203,6 +219,8 @@ mod tests {
             limit: limit.clone(),
             drain,
             splice: true,
+            handshakes: Arc::new(Semaphore::new(0)),
+            budget: Arc::new(Budget::new(10)),
         });
         let l = crate::net::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = l.local_addr().expect("addr");
@@ -211,6 +229,7 @@ mod tests {
         let admitted = Admitted {
             _permit: limit.try_acquire_owned().expect("permit"),
             active: state.metrics.active.clone(),
+            budget: state.budget.clone(),
         };
         let task = connection(s, client, state, admitted);
         let size = std::mem::size_of_val(&task);

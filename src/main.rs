@@ -295,9 +295,22 @@ fn summary(cfg: &Config) -> String {
     s
 }
 
+/// The log filter: the user's, with rustls silenced unless the user names it. rustls warns
+/// once per connection about what clients send (an invalid SNI name, echoed whole; alerts), so
+/// at the default level anyone who can reach a terminate listener could flood the log; those
+/// failures are counted in `apilb_tls_handshake_errors_total` and summarised once a minute.
+/// `RUST_LOG=info,rustls=debug` brings them back for debugging.
+fn log_directives(level: &str) -> String {
+    if level.contains("rustls") {
+        level.to_string()
+    } else {
+        format!("{level},rustls=off")
+    }
+}
+
 fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|e| {
+    let filter = EnvFilter::try_new(log_directives(level)).unwrap_or_else(|e| {
         eprintln!("apilb: invalid --log-level {level:?} ({e}); using info");
         EnvFilter::new("info")
     });

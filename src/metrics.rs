@@ -341,6 +341,9 @@ impl Metrics {
                 client_alpn: self
                     .tls_handshake_errors
                     .with_label_values(&[listener, "client_alpn"]),
+                handshake_limit: self
+                    .tls_handshake_errors
+                    .with_label_values(&[listener, "handshake_limit"]),
             },
         }
     }
@@ -367,6 +370,25 @@ impl Metrics {
             check_duration: self
                 .health_check_duration
                 .with_label_values(&[pool, backend]),
+        }
+    }
+
+    /// Drops every series of backend `backend` of pool `pool` from the export, once nothing
+    /// of that name is in the pool any more. Handles still held (by connections finishing)
+    /// keep working but are no longer exported, and a later backend of that name starts
+    /// from fresh series.
+    pub(crate) fn remove_backend(&self, pool: &str, backend: &str) {
+        let pb = [pool, backend];
+        let _ = self.backend_connections.remove_label_values(&pb);
+        let _ = self.backend_active.remove_label_values(&pb);
+        let _ = self.backend_connect_errors.remove_label_values(&pb);
+        let _ = self.backend_healthy.remove_label_values(&pb);
+        let _ = self.health_check_duration.remove_label_values(&pb);
+        for d in ["up", "down"] {
+            let _ = self.backend_bytes.remove_label_values(&[pool, backend, d]);
+        }
+        for r in ["pass", "fail"] {
+            let _ = self.health_checks.remove_label_values(&[pool, backend, r]);
         }
     }
 
@@ -418,6 +440,8 @@ pub struct TlsErrorMetrics {
     /// The client offered ALPN protocols of which the gateway knows none (refused with
     /// `no_application_protocol` before any backend is contacted).
     pub client_alpn: IntCounter,
+    /// Closed at once: `max_handshakes` clients were already in their handshake.
+    pub handshake_limit: IntCounter,
 }
 
 impl TlsErrorMetrics {
@@ -428,6 +452,7 @@ impl TlsErrorMetrics {
             + self.client_handshake.get()
             + self.backend_tls.get()
             + self.client_alpn.get()
+            + self.handshake_limit.get()
     }
 }
 

@@ -61,7 +61,15 @@ struct Socket {
 /// What a listener keeps across reloads.
 struct ListenerRt {
     limit: Arc<Semaphore>,
+    /// The limit in force: permits in the semaphore (held and free) once `owed` is paid.
     max: u32,
+    /// Permits still to be taken back after `max_connections` was lowered while more
+    /// connections than the new limit were open: taken as connections close.
+    owed: Arc<std::sync::Mutex<u32>>,
+    /// The task collecting `owed`.
+    shrink: Option<tokio::task::AbortHandle>,
+    /// Handshake slots (terminate listeners) and their number.
+    handshakes: (Arc<Semaphore>, u32),
     drain: CancellationToken,
 }
 
@@ -83,10 +91,16 @@ pub(crate) struct Running {
     pools: Vec<Arc<Pool>>,
     /// Backends a reload removed, kept for the admin view while their connections drain.
     removed: Vec<(String, Arc<Backend>)>,
-    /// Replaced on every reload: the health loops of the previous snapshot end.
+    /// Each pool's health loops, and what they were started for: a reload that changes
+    /// nothing a check uses leaves them running (restarting them on every reload would
+    /// starve checks under frequent reloads).
+    health: HashMap<String, (String, CancellationToken)>,
+    /// Replaced on every reload: the terminate listeners' error summaries.
     health_stop: CancellationToken,
     /// Whether passthrough relays may splice (a gateway option).
     splice: bool,
+    /// The process-wide connection budget (fixed at start).
+    budget: Arc<crate::budget::Budget>,
 }
 
 impl Running {
@@ -111,7 +125,9 @@ impl Running {
             listeners: HashMap::new(),
             pools: Vec::new(),
             removed: Vec::new(),
+            health: HashMap::new(),
             splice,
+            budget: Arc::new(crate::budget::Budget::new(budget(&cfg))),
         };
         let p = plan(&Deployed::default(), &Deployed::of(&cfg));
         running.apply(cfg, &p, true)?;
@@ -209,9 +225,19 @@ impl Running {
                 continue;
             };
             let (token, wait) = (b.drain.clone(), pool.cfg.drain_timeout);
+            let (view, metrics) = (self.view.clone(), self.metrics.clone());
+            let (pool_name, name) = (r.pool.clone(), b.name.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 token.cancel();
+                // Its series go unless a backend of that name is in the pool now.
+                let taken =
+                    view.load().pools.iter().any(|p| {
+                        p.cfg.name == pool_name && p.backends.iter().any(|b| b.name == name)
+                    });
+                if !taken {
+                    metrics.remove_backend(&pool_name, &name);
+                }
             });
             if b.active() > 0 {
                 self.removed.push((r.pool.clone(), b.clone()));
@@ -237,10 +263,18 @@ impl Running {
                 .or_insert_with(|| ListenerRt {
                     limit: Arc::new(Semaphore::new(l.max_connections as usize)),
                     max: l.max_connections,
+                    owed: Arc::default(),
+                    shrink: None,
+                    handshakes: (Arc::new(Semaphore::new(0)), 0),
                     drain: self.drain.child_token(),
                 });
             if plan.limits.iter().any(|(n, ..)| *n == l.name) {
                 set_limit(rt, l.max_connections);
+            }
+            let slots = l.tls.as_ref().map_or(0, |t| t.max_handshakes);
+            if rt.handshakes.1 != slots {
+                // Handshakes in progress keep their slots in the old semaphore.
+                rt.handshakes = (Arc::new(Semaphore::new(slots as usize)), slots);
             }
             states.insert(
                 l.name.clone(),
@@ -251,6 +285,8 @@ impl Running {
                     limit: rt.limit.clone(),
                     drain: rt.drain.clone(),
                     splice: self.splice,
+                    handshakes: rt.handshakes.0.clone(),
+                    budget: self.budget.clone(),
                 }),
             );
         }
@@ -327,9 +363,28 @@ impl Running {
     ) {
         self.health_stop.cancel();
         self.health_stop = self.stop.child_token();
+        let mut loops = HashMap::new();
         for p in pools {
-            health::probe::spawn(p, &self.health_stop);
+            let key = health_key(p, cfg);
+            match self.health.remove(&p.cfg.name) {
+                Some((old, token)) if old == key => {
+                    loops.insert(p.cfg.name.clone(), (old, token));
+                }
+                previous => {
+                    if let Some((_, token)) = previous {
+                        token.cancel();
+                    }
+                    let token = self.stop.child_token();
+                    health::probe::spawn(p, &token);
+                    loops.insert(p.cfg.name.clone(), (key, token));
+                }
+            }
         }
+        // Pools that went away.
+        for (_, (_, token)) in self.health.drain() {
+            token.cancel();
+        }
+        self.health = loops;
         for l in cfg.listeners.iter().filter(|l| l.mode == Mode::Terminate) {
             if let Some(state) = states.get(&l.name) {
                 tokio::spawn(terminate::report_errors(
@@ -369,6 +424,74 @@ impl Running {
     }
 }
 
+/// Everything a pool's health loops use: its check settings, slow start, its backends (the
+/// very objects, which carry health and counters), and what its certificate files held. When
+/// this is unchanged by a reload, the running loops are as good as new ones.
+fn health_key(p: &Pool, cfg: &Config) -> String {
+    let h = &p.cfg.health;
+    let backends: Vec<(usize, &str, u32)> = p
+        .backends
+        .iter()
+        .map(|b| (Arc::as_ptr(b) as usize, b.name.as_str(), b.weight))
+        .collect();
+    let scope = format!("pool/{}", p.cfg.name);
+    let files: Vec<&str> = cfg
+        .inputs
+        .iter()
+        .filter(|(s, ..)| *s == scope)
+        .map(|(.., digest)| digest.as_str())
+        .collect();
+    let server_name = p.cfg.tls.as_ref().map(|t| t.server_name.clone());
+    format!(
+        "{:?}",
+        (
+            h.check.as_str(),
+            &h.path,
+            &h.expect_status,
+            h.interval,
+            h.timeout,
+            (h.rise, h.fall),
+            p.cfg.slow_start,
+            server_name,
+            backends,
+            files,
+        )
+    )
+}
+
+/// The process-wide budget: `[global] max_connections`, else what the descriptor limit
+/// allows; warns when the listeners' limits (or the configured budget) do not fit.
+fn budget(cfg: &Config) -> usize {
+    let workers = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_workers())
+        .unwrap_or(1);
+    let fits = crate::budget::nofile().map(|n| (n, crate::budget::from_nofile(n, workers)));
+    let budget = match (cfg.global_max_connections, fits) {
+        (Some(max), Some((nofile, fits))) if max as usize > fits => {
+            tracing::warn!(max_connections = max, nofile, fits, "[global] max_connections needs more descriptors than the limit allows: the gateway will run out of descriptors before it refuses; raise LimitNOFILE");
+            max as usize
+        }
+        (Some(max), _) => max as usize,
+        (None, Some((_, fits))) => fits,
+        (None, None) => usize::MAX,
+    };
+    let sum: u64 = cfg
+        .listeners
+        .iter()
+        .map(|l| u64::from(l.max_connections))
+        .sum();
+    if sum > budget as u64 {
+        tracing::warn!(
+            listeners_max_connections = sum,
+            budget,
+            "the listeners' max_connections add up to more than the process can hold at once: beyond the budget new connections are refused (raise LimitNOFILE, or set [global] max_connections)"
+        );
+    } else {
+        tracing::info!(budget, "process-wide connection budget");
+    }
+    budget
+}
+
 /// Binds every socket of the plan, or none.
 fn bind_all(
     wanted: &[(SocketKey, String)],
@@ -387,13 +510,45 @@ fn bind_all(
         .collect()
 }
 
-/// Moves a listener's limit. Only free permits can be taken back; connections over a lowered
-/// limit finish normally and their permits are then forgotten as they return.
+/// Moves a listener's limit. Free permits are taken back at once; when more connections than
+/// the new limit are open, the rest is owed and a task takes the permits as those connections
+/// close (it queues for them, so new connections are refused until the limit holds). Open
+/// connections are never cut.
 fn set_limit(rt: &mut ListenerRt, max: u32) {
-    if max > rt.max {
-        rt.limit.add_permits((max - rt.max) as usize);
+    let mut owed = rt
+        .owed
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // What the semaphore holds now: the limit in force plus what is still owed. A pending
+    // task that finds the debt cancelled gives its permits back.
+    let real = rt.max.saturating_add(std::mem::take(&mut *owed));
+    if let Some(task) = rt.shrink.take() {
+        // Dropping its wait returns what it had gathered; the debt is recomputed below.
+        task.abort();
+    }
+    if max >= real {
+        rt.limit.add_permits((max - real) as usize);
     } else {
-        rt.limit.forget_permits((rt.max - max) as usize);
+        let want = real - max;
+        let took = u32::try_from(rt.limit.forget_permits(want as usize)).unwrap_or(want);
+        let rest = want.saturating_sub(took);
+        if rest > 0 {
+            *owed = rest;
+            let (limit, debt) = (rt.limit.clone(), rt.owed.clone());
+            let task = tokio::spawn(async move {
+                let Ok(permits) = limit.acquire_many_owned(rest).await else {
+                    return;
+                };
+                let mut owed = debt
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if *owed == rest {
+                    permits.forget();
+                    *owed = 0;
+                }
+            });
+            rt.shrink = Some(task.abort_handle());
+        }
     }
     rt.max = max;
 }
@@ -420,5 +575,60 @@ fn summary(plan: &Plan, addresses_added: Vec<SocketAddr>, initial: bool) -> Relo
         backends_added: plan.backends_added.iter().map(backend).collect(),
         backends_removed: plan.backends_removed.iter().map(backend).collect(),
         certificates_replaced: plan.certificates_replaced.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt(max: u32) -> ListenerRt {
+        ListenerRt {
+            limit: Arc::new(Semaphore::new(max as usize)),
+            max,
+            owed: Arc::default(),
+            shrink: None,
+            handshakes: (Arc::new(Semaphore::new(0)), 0),
+            drain: CancellationToken::new(),
+        }
+    }
+
+    /// Round-2 hardening, item 9: lowering max_connections below the open count used to take
+    /// back only the free permits, so the new limit never held; now the rest is taken as
+    /// connections close, and raising it again cancels what is still owed.
+    #[tokio::test]
+    async fn a_lowered_limit_holds_once_enough_connections_closed() {
+        let mut l = rt(10);
+        let mut open: Vec<_> = (0..8)
+            .map(|_| l.limit.clone().try_acquire_owned().expect("permit"))
+            .collect();
+        set_limit(&mut l, 5);
+        assert_eq!(l.limit.available_permits(), 0);
+        // Three of the eight closing pay the debt; none of them frees a slot.
+        for _ in 0..3 {
+            open.pop();
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(l.limit.available_permits(), 0, "over the lowered limit");
+        assert_eq!(*l.owed.lock().expect("lock"), 0);
+        // Now five are open, the new limit: one more closing frees exactly one slot.
+        open.pop();
+        assert_eq!(l.limit.available_permits(), 1);
+        // Raised while nothing is owed: plain permits.
+        set_limit(&mut l, 7);
+        assert_eq!(l.limit.available_permits(), 3);
+        // Lowered below the open count again, then raised before anything closed: the
+        // pending debt is cancelled and nothing is lost.
+        set_limit(&mut l, 2);
+        set_limit(&mut l, 7);
+        tokio::task::yield_now().await;
+        drop(open);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(l.limit.available_permits(), 7);
     }
 }

@@ -38,6 +38,11 @@ pub(crate) struct ListenerSnapshot {
     /// Whether passthrough relays may switch to splice(2) for bulk bytes (a gateway option;
     /// off only to exercise the copy path).
     pub(crate) splice: bool,
+    /// Terminate listeners: slots for clients in their handshake (`max_handshakes`), kept
+    /// across reloads with the listener.
+    pub(crate) handshakes: Arc<Semaphore>,
+    /// The process-wide connection budget, shared by every listener.
+    pub(crate) budget: Arc<crate::budget::Budget>,
 }
 
 impl ListenerSnapshot {
@@ -71,6 +76,9 @@ impl ListenerSnapshot {
     /// `first_byte_timeout`, and its counter.
     pub(crate) fn log_silent(&self, client: SocketAddr, started: Instant) {
         self.metrics.closed_silent.inc();
+        if !self.cfg.log_empty {
+            return;
+        }
         tracing::info!(
             target: "apilb::access",
             listener = %self.cfg.name,
@@ -99,6 +107,9 @@ impl ListenerSnapshot {
             .observe(started.elapsed().as_secs_f64());
         if let Some(i) = End::PROXIED.iter().position(|e| *e == r.end) {
             self.metrics.closed[i].inc();
+        }
+        if r.up == 0 && r.down == 0 && r.error.is_none() && !self.cfg.log_empty {
+            return;
         }
         let error = r.error.as_ref().map(ToString::to_string);
         tracing::info!(

@@ -33,12 +33,21 @@ use crate::snapshot::ListenerSnapshot;
 /// Serves one accepted terminate connection to completion.
 pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<ListenerSnapshot>) {
     let started = Instant::now();
+    // A client that has not finished its handshake costs a backend handshake already (the
+    // backend's ALPN answer comes first), so their number is capped apart from
+    // max_connections.
+    let Ok(slot) = state.handshakes.try_acquire() else {
+        state.metrics.tls.handshake_limit.inc();
+        tracing::debug!(listener = %state.cfg.name, client = %client_addr, "refused: max_handshakes clients are in their handshake");
+        return;
+    };
     // Both handshakes obey the drain deadline too (SPEC §3, Shutdown): a client that is slow
     // to finish its handshake must not hold the shutdown for its handshake_timeout.
     let established = tokio::select! {
         e = establish(tcp, client_addr, &state, started) => e,
         () = state.drain.cancelled() => None,
     };
+    drop(slot);
     let Some((client_stream, backend_stream, guard)) = established else {
         return;
     };
@@ -252,6 +261,8 @@ pub(crate) async fn report_errors(state: Arc<ListenerSnapshot>, stop: Cancellati
                 not_tls = t.not_tls.get(),
                 client_handshake = t.client_handshake.get(),
                 backend_tls = t.backend_tls.get(),
+                client_alpn = t.client_alpn.get(),
+                handshake_limit = t.handshake_limit.get(),
                 "TLS clients failed before relaying in the last minute (totals by reason since start)"
             );
         }

@@ -233,7 +233,13 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[tokio::test]
 async fn out_of_file_descriptors_backs_off_without_spinning_and_recovers() {
     let echo = EchoServer::start().await;
-    let (_dir, path) = write_temp("apilb.toml", &simple_config(&[echo.addr], "", ""));
+    // A budget above what the descriptors allow, so the gateway does meet EMFILE (the budget
+    // would otherwise refuse connections before it).
+    let text = format!(
+        "[global]\nmax_connections = 1000\n{}",
+        simple_config(&[echo.addr], "", "")
+    );
+    let (_dir, path) = write_temp("apilb.toml", &text);
     // A low descriptor limit for the gateway alone; prlimit execs it, so the PID is apilb's.
     let (mut child, addr, logs, _) = run_gateway(&path, &["prlimit", "--nofile=48:48", "--"]);
     let pid = child.id();
@@ -314,7 +320,7 @@ async fn out_of_descriptors_for_a_backend_socket_is_not_the_backends_fault() {
     const LIMIT: usize = 48;
     let echo = EchoServer::start().await;
     let text = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        "[global]\nmax_connections = 1000\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
         simple_config(
             &[echo.addr],
             "connect_attempts = 1\nwhen_all_down = \"reject\"\n[pool.health]\ninterval = \"1h\"\nfall = 1",
@@ -637,4 +643,151 @@ fn check_warns_about_operator_mistakes_and_still_passes() {
         !err.contains("\"localhost\" is not among"),
         "a covered name was flagged:\n{err}"
     );
+}
+
+/// Round-2 hardening, item 5: rustls warns once per connection about what a client sent (an
+/// invalid SNI name is echoed whole), so anyone who could reach a terminate listener could
+/// flood the log at the default level. Those failures are counted instead; the log stays
+/// quiet.
+#[tokio::test]
+async fn hostile_client_hellos_do_not_flood_the_log() {
+    let tls = TlsFixture::new();
+    let text = format!(
+        "[[pool]]\nname = \"p\"\n[pool.tls]\nca = \"{}\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n\
+         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nmode = \"terminate\"\npool = \"p\"\n\
+         [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\nhandshake_timeout = \"2s\"\n",
+        tls.ca().display(),
+        tls.files.public_cert.display(),
+        tls.files.public_key.display()
+    );
+    let path = tls.file("apilb.toml", &text);
+    let (child, addr, logs, _) = run_gateway(&path, &[]);
+    let mut child = KillOnDrop(child);
+    let target = format!("127.0.0.1:{}", addr.port());
+    let hellos = tokio::task::spawn_blocking(move || {
+        for name in ["bad..name", "x..y..z", "-.-"] {
+            for _ in 0..3 {
+                let _ = Command::new("timeout")
+                    .args([
+                        "5",
+                        "openssl",
+                        "s_client",
+                        "-connect",
+                        &target,
+                        "-servername",
+                        name,
+                    ])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    });
+    within(60, "ClientHellos", hellos).await.expect("join");
+    signal(child.0.id(), "TERM");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child.0, 20))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    let logs: Vec<String> = logs.try_iter().collect();
+    let loud: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("Illegal SNI") || (l.contains("\"WARN\"") && l.contains("alert")))
+        .collect();
+    assert!(loud.is_empty(), "client bytes reached the log: {loud:#?}");
+}
+
+/// Round-2 hardening, item 3: without a process-wide budget, listeners' max_connections sum
+/// past the descriptor limit and the gateway meets EMFILE (failed accepts, failed backend
+/// sockets). The budget from RLIMIT_NOFILE refuses the extra connections cleanly instead,
+/// and start-up says the listeners' limits do not fit.
+#[tokio::test]
+async fn the_descriptor_limit_sets_a_budget_that_refuses_cleanly_before_emfile() {
+    let echo = EchoServer::start().await;
+    let (_dir, path) = write_temp("apilb.toml", &simple_config(&[echo.addr], "", ""));
+    let (child, addr, logs, early) = run_gateway(&path, &["prlimit", "--nofile=64:64", "--"]);
+    let mut child = KillOnDrop(child);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .expect("the kernel queues the connection");
+        s.write_all(b"x").await.expect("write");
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await {
+            Ok(Ok(1)) => held.push(s),
+            Ok(Ok(_) | Err(_)) => refused += 1,
+            Err(_) => panic!("a connection hung instead of being refused (EMFILE backoff?)"),
+        }
+    }
+    assert!(held.len() >= 10, "only {} served", held.len());
+    assert!(refused >= 5, "nothing refused: {} held", held.len());
+    held.clear();
+    within(10, "served again", async {
+        loop {
+            if let Ok(mut s) = TcpStream::connect(addr).await {
+                let _ = s.write_all(b"y").await;
+                let mut b = [0u8; 1];
+                if let Ok(Ok(1)) =
+                    tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await
+                {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    signal(child.0.id(), "TERM");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child.0, 20))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    let mut all = early;
+    all.extend(logs.try_iter());
+    assert!(
+        all.iter()
+            .any(|l| l.contains("add up to more than the process can hold")),
+        "no warning about the listeners' limits: {all:#?}"
+    );
+    assert!(
+        !all.iter().any(|l| l.contains("Too many open files")),
+        "the gateway ran out of descriptors: {all:#?}"
+    );
+}
+
+/// Round-2 hardening, item 5: connections that moved nothing (port probes, scanners) can be
+/// kept out of the access log (`log_empty = false`, HAProxy's dontlognull), while a
+/// connection that carried bytes is still logged.
+#[tokio::test]
+async fn empty_connections_can_stay_out_of_the_access_log() {
+    let echo = EchoServer::start().await;
+    let (_dir, path) = write_temp(
+        "apilb.toml",
+        &simple_config(
+            &[echo.addr],
+            "",
+            "first_byte_timeout = \"0s\"\nlog_empty = false",
+        ),
+    );
+    let (child, addr, logs, _) = run_gateway(&path, &[]);
+    let mut child = KillOnDrop(child);
+    for _ in 0..3 {
+        drop(TcpStream::connect(addr).await.expect("connect"));
+    }
+    drop(within(10, "echo", echo_once(addr)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(child.0.id(), "TERM");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child.0, 20))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    let access: Vec<String> = logs
+        .try_iter()
+        .filter(|l| l.contains("\"message\":\"connection closed\""))
+        .collect();
+    assert_eq!(access.len(), 1, "{access:#?}");
+    assert!(!access[0].contains("\"bytes_up\":0"), "{access:#?}");
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use apilb::demo::pki::Ca;
 use common::*;
+use tokio::io::AsyncReadExt;
 
 fn healthy(gw: &Gw, b: &str) -> bool {
     gw.metric("apilb_backend_healthy", &[("pool", "p"), ("backend", b)]) == 1.0
@@ -618,4 +619,25 @@ async fn https_checks_judge_long_chunked_answers_by_their_status() {
     servers[0].set_ready(true);
     eventually(5, "passes again", || healthy(&gw, "b0")).await;
     gw.shutdown().await;
+}
+
+/// Round-2 hardening, item 12: the simulated apiserver (which every test and the demo run
+/// behind the gateway) had no header timeout, so a client that connected and said nothing
+/// held a connection forever.
+#[tokio::test]
+async fn the_simulated_apiserver_drops_a_client_that_never_sends_a_request() {
+    let s = TlsFixture::new();
+    let servers = apiservers(&s.pki, 1, "127.0.0.1").await;
+    let admin = s.client(Some(&s.pki.admin), &["http/1.1"]);
+    let mut tls = tls_connect(servers[0].addr(), admin, "kubernetes")
+        .await
+        .expect("handshake");
+    let started = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    let n = within(20, "dropped", tls.read(&mut b)).await.unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "closed at once, not by the timeout"
+    );
 }

@@ -512,3 +512,99 @@ async fn a_listener_moved_to_a_new_port_keeps_its_open_connections() {
     drop(open);
     gw.shutdown().await;
 }
+
+/// Round-2 hardening, item 9: every reload restarted the health loops, and a carried-over
+/// backend waits an interval before its next check, so reloads more frequent than the
+/// interval stopped health checking altogether.
+#[tokio::test]
+async fn frequent_reloads_do_not_stop_health_checks() {
+    let echo = EchoServer::start().await;
+    let (_dir, path) = write_temp(
+        "apilb.toml",
+        &simple_config(
+            &[echo.addr],
+            "[pool.health]\ninterval = \"300ms\"\ntimeout = \"200ms\"",
+            "",
+        ),
+    );
+    let gw = gateway_file(&path).await;
+    let checks = |gw: &Gw| {
+        gw.metrics().value_or_zero(
+            "apilb_health_checks_total",
+            &[("pool", "p"), ("backend", "b0"), ("result", "pass")],
+        )
+    };
+    eventually(5, "first check", || checks(&gw) >= 1.0).await;
+    let before = checks(&gw);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        within(10, "reload", gw.handle().reloader().reload())
+            .await
+            .expect("reload");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = checks(&gw) - before;
+    assert!(
+        done >= 4.0,
+        "{done} checks in 2 s of reloads with a 300 ms interval"
+    );
+    gw.shutdown().await;
+}
+
+/// Round-2 hardening, item 9: metric series of removed backends lived forever, and a new
+/// backend under an old name shared the old one's counters.
+#[tokio::test]
+async fn a_removed_backend_takes_its_series_with_it() {
+    let echos = echo_servers(2).await;
+    let (dir, path) = write_temp(
+        "apilb.toml",
+        &simple_config(
+            &[echos[0].addr, echos[1].addr],
+            "drain_timeout = \"200ms\"\n[pool.health]\ninterval = \"1h\"",
+            "",
+        ),
+    );
+    let gw = gateway_file(&path).await;
+    for _ in 0..4 {
+        drop(within(10, "echo", echo_once(gw.addr())).await);
+    }
+    let b1 = [("pool", "p"), ("backend", "b1")];
+    eventually(5, "b1 served", || {
+        gw.metric("apilb_backend_connections_total", &b1) >= 1.0
+    })
+    .await;
+    // b1 goes away.
+    write_atomic(
+        &path,
+        &simple_config(
+            &[echos[0].addr],
+            "drain_timeout = \"200ms\"\n[pool.health]\ninterval = \"1h\"",
+            "",
+        ),
+    );
+    within(10, "reload", gw.handle().reloader().reload())
+        .await
+        .expect("reload");
+    eventually(5, "b1's series removed", || {
+        gw.metrics()
+            .get("apilb_backend_connections_total", &b1)
+            .is_none()
+    })
+    .await;
+    assert!(gw.metrics().get("apilb_backend_healthy", &b1).is_none());
+    // b1 returns at another address: a new backend, counted from zero.
+    write_atomic(
+        &path,
+        &simple_config(
+            &[echos[0].addr, closed_port()],
+            "drain_timeout = \"200ms\"\n[pool.health]\ninterval = \"1h\"",
+            "",
+        ),
+    );
+    within(10, "reload", gw.handle().reloader().reload())
+        .await
+        .expect("reload");
+    assert_eq!(gw.metric("apilb_backend_connections_total", &b1), 0.0);
+    drop(dir);
+    gw.shutdown().await;
+}

@@ -574,3 +574,58 @@ async fn bogus_alpn_from_clients_never_marks_backends_down() {
     drop(s);
     gw.shutdown().await;
 }
+
+/// Round-2 hardening, item 4: clients that have not finished their handshake each hold a
+/// backend handshake already, so their number is capped apart from max_connections; over
+/// the cap a client is closed at once, counted, and slots come back as handshakes end.
+#[tokio::test]
+async fn handshakes_in_progress_are_capped_apart_from_max_connections() {
+    let e = TlsFixture::new();
+    let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
+    let gw = gateway(&terminate_config(
+        &e,
+        &[servers[0].addr()],
+        "",
+        "max_handshakes = 2",
+    ))
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(
+            within(5, "connect", TcpStream::connect(gw.addr()))
+                .await
+                .expect("connect"),
+        );
+    }
+    // Both slots are taken by clients that said nothing yet.
+    eventually(5, "two handshakes in progress", || {
+        gw.metric("apilb_listener_active_connections", &[("listener", "l")]) == 2.0
+    })
+    .await;
+    let mut third = within(5, "connect", TcpStream::connect(gw.addr()))
+        .await
+        .expect("connect");
+    let mut b = [0u8; 1];
+    let n = within(2, "closed at once", third.read(&mut b))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(
+        gw.metric(
+            "apilb_tls_handshake_errors_total",
+            &[("listener", "l"), ("reason", "handshake_limit")]
+        ),
+        1.0
+    );
+    // Closing the stalled ones frees their slots; a real client is served again.
+    drop(stalled);
+    let cfg = e.public_client(None, &["http/1.1"]);
+    let (status, _) = within(
+        10,
+        "served",
+        https_get(gw.addr(), cfg, "localhost", "/version", &[]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    gw.shutdown().await;
+}

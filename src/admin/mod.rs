@@ -86,6 +86,7 @@ impl Admin {
 /// Serves admin requests on `listener` until `stop` is cancelled.
 pub(crate) async fn serve(listener: TcpListener, admin: Admin, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut last_warning: Option<tokio::time::Instant> = None;
     loop {
         // A slot first: at the limit, new connections wait in the listen queue.
         let Ok(slot) = (tokio::select! {
@@ -99,7 +100,11 @@ pub(crate) async fn serve(listener: TcpListener, admin: Admin, stop: Cancellatio
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    // One warning a second at most: EMFILE would repeat it every pause.
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        last_warning = Some(tokio::time::Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -19,6 +19,10 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `[[listener]] max_connections`
 pub(crate) const MAX_CONNECTIONS: u32 = 50_000;
+/// `[listener.tls] max_handshakes`: a burst of reconnecting clients fits; a flood of
+/// ClientHellos (each costing a backend handshake before the client did any cryptographic
+/// work) does not.
+pub(crate) const MAX_HANDSHAKES: u32 = 1024;
 /// `[listener.tls] handshake_timeout`
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `[[pool.backend]] weight`

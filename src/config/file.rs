@@ -8,10 +8,17 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
     pub(super) admin: Option<Spanned<FileAdmin>>,
+    pub(super) global: Option<Spanned<FileGlobal>>,
     #[serde(default)]
     pub(super) pool: Vec<Spanned<FilePool>>,
     #[serde(default)]
     pub(super) listener: Vec<Spanned<FileListener>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileGlobal {
+    pub(super) max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +89,7 @@ pub(super) struct FileListener {
     pub(super) pool: Spanned<String>,
     pub(super) idle_timeout: Option<Spanned<String>>,
     pub(super) first_byte_timeout: Option<Spanned<String>>,
+    pub(super) log_empty: Option<Spanned<bool>>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) tls: Option<Spanned<FileListenerTls>>,
 }
@@ -92,6 +100,7 @@ pub(super) struct FileListenerTls {
     pub(super) cert: Spanned<String>,
     pub(super) key: Spanned<String>,
     pub(super) handshake_timeout: Option<Spanned<String>>,
+    pub(super) max_handshakes: Option<Spanned<i64>>,
     pub(super) alpn: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     pub(super) sni: Vec<Spanned<FileSni>>,

@@ -139,6 +139,7 @@ impl Validator<'_> {
             pool,
             idle_timeout,
             first_byte_timeout,
+            log_empty: l.log_empty.as_ref().is_none_or(|v| *v.get_ref()),
             max_connections,
             tls,
         }
@@ -148,6 +149,12 @@ impl Validator<'_> {
     fn listener_tls(&mut self, i: usize, t: Spanned<FileListenerTls>) -> Option<ListenerTlsConfig> {
         let t = t.into_inner();
         let k = |key: &str| format!("listener[{i}].tls.{key}");
+        let max_handshakes = self.int_in(
+            t.max_handshakes.as_ref(),
+            &k("max_handshakes"),
+            1..=1_000_000,
+            defaults::MAX_HANDSHAKES,
+        );
         let handshake_timeout = self.duration(
             t.handshake_timeout.as_ref(),
             &k("handshake_timeout"),
@@ -211,6 +218,7 @@ impl Validator<'_> {
         };
         Some(ListenerTlsConfig {
             handshake_timeout,
+            max_handshakes,
             alpn,
             certs,
             server,

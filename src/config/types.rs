@@ -86,6 +86,9 @@ pub struct Config {
     pub source: PathBuf,
     /// The admin listener, when configured.
     pub admin: Option<AdminConfig>,
+    /// `[global] max_connections`: proxied connections the whole process may hold at once;
+    /// `None`: what the descriptor limit allows (read at start).
+    pub global_max_connections: Option<u32>,
     /// Pools in file order; names are unique.
     pub pools: Vec<Arc<PoolConfig>>,
     /// Listeners in file order; names and addresses are unique.
@@ -99,6 +102,10 @@ pub struct Config {
     pub certificates: Vec<CertificateInfo>,
     /// Every file the config names (certificates, keys, CA bundles), watched for changes.
     pub files: Vec<PathBuf>,
+    /// What each file held when read, as (scope, path, SHA-256 prefix), the scope being the
+    /// object that named it (`pool/NAME`, `listener/NAME`): tells a reload which objects'
+    /// certificates changed, even when a new certificate has the old one's dates.
+    pub inputs: Vec<(String, PathBuf, String)>,
     /// Likely operator mistakes that do not stop the gateway: printed by `check`, logged by
     /// `run` and reload.
     pub warnings: Vec<ConfigError>,
@@ -330,6 +337,9 @@ impl Mode {
 pub struct ListenerTlsConfig {
     /// A client that has not finished its handshake by then is dropped.
     pub handshake_timeout: Duration,
+    /// Client connections that may be in their TLS handshake (backend connection included)
+    /// at once; more are closed at accept (like HAProxy's `maxsslconn`).
+    pub max_handshakes: u32,
     /// The only ALPN protocols accepted from clients and offered to backends; `None`: any.
     pub alpn: Option<Vec<String>>,
     /// Certificates by SNI name, the first being the default.
@@ -354,6 +364,10 @@ pub struct ListenerConfig {
     /// Passthrough: a client that sends nothing for this long is closed before any backend
     /// is contacted (`end=client_silent`); zero turns the wait off (server-first protocols).
     pub first_byte_timeout: Duration,
+    /// Whether connections that moved no byte either way (scanners, port probes, silent
+    /// clients) write an access line; they are counted either way (HAProxy's `dontlognull`
+    /// is `log_empty = false`).
+    pub log_empty: bool,
     /// Connections beyond this many are accepted and closed at once.
     pub max_connections: u32,
     /// Certificates of a terminate listener.

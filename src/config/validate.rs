@@ -36,6 +36,7 @@ pub(super) struct Validator<'a> {
     pub(super) certificates: Vec<CertificateInfo>,
     pub(super) files: Vec<PathBuf>,
     pub(super) warnings: Vec<ConfigError>,
+    pub(super) inputs: Vec<(String, PathBuf, String)>,
     /// `pool/NAME` or `listener/NAME` while validating that object: the prefix of
     /// certificate sources.
     pub(super) scope: String,
@@ -51,6 +52,7 @@ impl<'a> Validator<'a> {
             certificates: Vec::new(),
             files: Vec::new(),
             warnings: Vec::new(),
+            inputs: Vec::new(),
             scope: String::new(),
         }
     }
@@ -255,7 +257,11 @@ impl<'a> Validator<'a> {
             self.files.push(path.clone());
         }
         match read_regular(&path) {
-            Ok(b) => Some((path, b)),
+            Ok(b) => {
+                self.inputs
+                    .push((self.scope.clone(), path.clone(), digest(&b)));
+                Some((path, b))
+            }
             Err(e) => {
                 self.error(
                     v.span(),
@@ -337,16 +343,24 @@ impl<'a> Validator<'a> {
             listeners.push(l);
         }
 
+        let global_max_connections = file.global.and_then(|g| {
+            let g = g.into_inner();
+            g.max_connections
+                .as_ref()
+                .map(|m| self.int_in(Some(m), "global.max_connections", 1..=100_000_000, 1))
+        });
         Config {
             source: self.file.to_path_buf(),
             admin,
+            global_max_connections,
             pools,
             listeners,
             expired: std::mem::take(&mut self.expired),
             certificates: std::mem::take(&mut self.certificates),
             files: std::mem::take(&mut self.files),
+            inputs: std::mem::take(&mut self.inputs),
             warnings: std::mem::take(&mut self.warnings),
-            hash: digest(self.text),
+            hash: digest(self.text.as_bytes()),
         }
     }
 }
@@ -363,9 +377,9 @@ pub(super) struct Seen {
     pub(super) addrs: HashMap<SocketAddr, String>,
 }
 
-/// The first 16 hex digits of the text's SHA-256: the same for the same text on every build.
-fn digest(text: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+/// The first 16 hex digits of the bytes' SHA-256: the same for the same bytes on every build.
+fn digest(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 

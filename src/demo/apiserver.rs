@@ -146,6 +146,9 @@ impl Drop for ApiServer {
 
 type RespBody = BoxBody<Bytes, Infallible>;
 
+/// Time a client has to send a complete request head (HTTP/1.1).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl ApiServer {
     /// Binds and starts serving in the background.
     ///
@@ -322,9 +325,12 @@ async fn serve_conn(
         .and_then(|c| identity_from_cert(c.as_ref()));
     let cert_identity = Arc::new(cert_identity);
     let counters = shared.clone();
+    let spoke = Arc::new(AtomicBool::new(false));
+    let first = spoke.clone();
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let cert_identity = cert_identity.clone();
+        first.store(true, Ordering::Relaxed);
         async move {
             let mut req = req;
             if req.uri().path() == "/upgrade-echo" {
@@ -333,11 +339,36 @@ async fn serve_conn(
             Ok::<_, Infallible>(route(&req, &shared, cert_identity.as_ref().as_ref()))
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-        .await
-    {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that opens a connection and never finishes a request head is dropped, as
+    // kube-apiserver's own server does; HTTP/2 connections are pinged so a vanished peer
+    // does not hold one forever.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+    // hyper's header timeout starts with the first byte of a request: a client that never
+    // sends one is dropped here.
+    let silent = async {
+        tokio::time::sleep(HEADER_TIMEOUT).await;
+        if spoke.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
+    let served = tokio::select! {
+        r = conn => r,
+        () = silent => {
+            tracing::debug!(client = %peer, "no request within the header timeout; closing");
+            return;
+        }
+    };
+    if let Err(e) = served {
         counters.connection_errors.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(client = %peer, error = %e, "connection ended with an error");
     }

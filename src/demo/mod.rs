@@ -132,7 +132,14 @@ pub async fn run(
 
     let config_path = dir.join("apilb.toml");
     std::fs::write(&config_path, demo_config(&opts, &servers, &files)).map_err(files_err)?;
-    let cfg = crate::config::load(&config_path)?;
+    // Loading reads files: off the runtime's workers, as every load is.
+    let path = config_path.clone();
+    let cfg = tokio::task::spawn_blocking(move || crate::config::load(&path))
+        .await
+        .map_err(|e| DemoError::Files {
+            dir: config_path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
     let gateway = match crate::Gateway::start(cfg, crate::GatewayOptions::default(), shutdown).await
     {
         Ok(g) => g,

@@ -236,28 +236,100 @@ impl Pki {
             public_cert: dir.join("public.crt"),
             public_key: dir.join("public.key"),
         };
-        std::fs::write(&files.ca, &self.ca.cert_pem)?;
-        std::fs::write(&files.apiserver_cert, &self.apiserver.cert_pem)?;
-        write_key(&files.apiserver_key, &self.apiserver.key_pem)?;
-        std::fs::write(&files.admin_cert, &self.admin.cert_pem)?;
-        write_key(&files.admin_key, &self.admin.key_pem)?;
-        std::fs::write(&files.node_cert, &self.node.cert_pem)?;
-        write_key(&files.node_key, &self.node.key_pem)?;
-        std::fs::write(&files.public_ca, &self.public_ca.cert_pem)?;
-        std::fs::write(&files.public_cert, &self.public.cert_pem)?;
-        write_key(&files.public_key, &self.public.key_pem)?;
+        write_file(&files.ca, &self.ca.cert_pem, CERT_MODE)?;
+        write_file(&files.apiserver_cert, &self.apiserver.cert_pem, CERT_MODE)?;
+        write_file(&files.apiserver_key, &self.apiserver.key_pem, KEY_MODE)?;
+        write_file(&files.admin_cert, &self.admin.cert_pem, CERT_MODE)?;
+        write_file(&files.admin_key, &self.admin.key_pem, KEY_MODE)?;
+        write_file(&files.node_cert, &self.node.cert_pem, CERT_MODE)?;
+        write_file(&files.node_key, &self.node.key_pem, KEY_MODE)?;
+        write_file(&files.public_ca, &self.public_ca.cert_pem, CERT_MODE)?;
+        write_file(&files.public_cert, &self.public.cert_pem, CERT_MODE)?;
+        write_file(&files.public_key, &self.public.key_pem, KEY_MODE)?;
         Ok(files)
     }
 }
 
-fn write_key(path: &Path, pem: &str) -> std::io::Result<()> {
+/// Certificates are public; keys are for their owner only.
+const CERT_MODE: u32 = 0o644;
+const KEY_MODE: u32 = 0o600;
+
+/// Writes `text` to `path` as a new file with `mode`, then renames it into place. Never
+/// through what is already there: a symlink planted in the folder (`--dir` may be shared) is
+/// replaced, not followed, and an old key file with loose permissions is replaced by one
+/// created with `mode`, not rewritten under its old mode.
+pub fn write_file(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
     use std::io::Write;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+        opts.mode(mode)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
     }
-    opts.open(path)?.write_all(pem.as_bytes())
+    #[cfg(not(unix))]
+    let _ = mode;
+    let written = opts
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()));
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Round-2 hardening, item 12: `demo --dir` followed symlinks already in the folder and
+    /// set key modes only when it created a file.
+    #[cfg(unix)]
+    #[test]
+    fn writing_the_pki_replaces_symlinks_and_tightens_old_keys() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let victim = elsewhere.path().join("victim");
+        std::fs::write(&victim, "do not touch").expect("write");
+        std::os::unix::fs::symlink(&victim, dir.path().join("admin.key")).expect("symlink");
+        std::fs::write(dir.path().join("node.key"), "old").expect("write");
+        std::fs::set_permissions(
+            dir.path().join("node.key"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .expect("chmod");
+        let files = Pki::generate()
+            .expect("pki")
+            .write_to(dir.path())
+            .expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("read"),
+            "do not touch"
+        );
+        for key in [&files.admin_key, &files.node_key, &files.public_key] {
+            let meta = std::fs::symlink_metadata(key).expect("meta");
+            assert!(
+                meta.file_type().is_file(),
+                "{} is not a plain file",
+                key.display()
+            );
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                0o600,
+                "{}",
+                key.display()
+            );
+        }
+        let ca = std::fs::metadata(&files.ca).expect("meta");
+        assert_eq!(ca.permissions().mode() & 0o777, 0o644);
+    }
 }

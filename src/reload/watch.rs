@@ -2,28 +2,41 @@
 //! renames and editors that replace files are seen (no inotify: it misses a file replaced by
 //! a rename of its directory, which is how Kubernetes mounts secrets).
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
 use super::Reloader;
 
-/// Identity of a file's current content as far as the file system tells: changes on write,
-/// truncate and rename-over.
-type Fingerprint = Vec<Option<(SystemTime, u64, u64)>>;
+/// Identity of a file's current content as far as the file system tells (modification time,
+/// size, inode: changes on write, truncate and rename-over), by path.
+type Fingerprint = BTreeMap<PathBuf, Option<(SystemTime, u64, u64)>>;
+
+fn stamp(p: &Path) -> Option<(SystemTime, u64, u64)> {
+    std::fs::metadata(p).ok().map(|m| {
+        #[cfg(unix)]
+        let ino = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let ino = 0;
+        (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), ino)
+    })
+}
 
 fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
+    paths.iter().map(|p| (p.clone(), stamp(p))).collect()
+}
+
+/// What was tried by a reload that started when the files looked like `before`: for files
+/// the running config still names, their state then (so that a change landing while the
+/// reload ran is seen on the next poll); for files only the new config names, their state now.
+fn tried(before: &Fingerprint, paths: &[PathBuf]) -> Fingerprint {
     paths
         .iter()
         .map(|p| {
-            std::fs::metadata(p).ok().map(|m| {
-                #[cfg(unix)]
-                let ino = std::os::unix::fs::MetadataExt::ino(&m);
-                #[cfg(not(unix))]
-                let ino = 0;
-                (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), ino)
-            })
+            let s = before.get(p).copied().unwrap_or_else(|| stamp(p));
+            (p.clone(), s)
         })
         .collect()
 }
@@ -53,9 +66,39 @@ pub(crate) async fn watch_files(reloader: Reloader, stop: CancellationToken) {
         }
         tracing::info!("configuration or a file it names changed; reloading");
         let _ = reloader.reload().await;
-        // Whatever the outcome, this state of the files was tried.
+        // Whatever the outcome, the files as they were before the reload were tried: taking
+        // their state after it would swallow a change written while it ran.
         paths = reloader.watched_files().await;
-        applied = fingerprint(&paths);
+        applied = tried(&now, &paths);
         pending = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Round-2 hardening, item 9: the state recorded after a reload is the one the reload
+    /// read, so a file written during the reload still differs from it.
+    #[test]
+    fn a_change_written_during_a_reload_is_not_taken_as_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("apilb.toml");
+        std::fs::write(&a, "one").expect("write");
+        let before = fingerprint(std::slice::from_ref(&a));
+        // Written while the reload runs: a new inode, as editors and atomic writers make.
+        let tmp = dir.path().join("tmp");
+        std::fs::write(&tmp, "two, longer").expect("write");
+        std::fs::rename(&tmp, &a).expect("rename");
+        let new_file = dir.path().join("ca.pem");
+        std::fs::write(&new_file, "ca").expect("write");
+        let applied = tried(&before, &[a.clone(), new_file.clone()]);
+        let now = fingerprint(&[a, new_file]);
+        assert_ne!(
+            now, applied,
+            "the change written during the reload was swallowed"
+        );
+        let (_, first) = applied.iter().next().expect("entry");
+        assert_eq!(Some(first), before.values().next());
     }
 }
