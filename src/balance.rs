@@ -170,6 +170,9 @@ pub(crate) struct Pool {
     all_down_warned: AtomicBool,
     /// TLS sessions of terminate listeners' backend connections, per backend address.
     pub(crate) sessions: Arc<crate::tls::SessionStores>,
+    /// The names clients use to reach this pool through passthrough listeners: every
+    /// backend certificate must cover them (SPEC §8).
+    pub(crate) names: Vec<String>,
 }
 
 impl Pool {
@@ -202,10 +205,44 @@ impl Pool {
             fail_open: metrics.pool_fail_open(&cfg.name),
             cfg,
             sessions,
+            names: Vec::new(),
             backends,
             cursor: AtomicUsize::new(0),
             total_weight,
             all_down_warned: AtomicBool::new(false),
+        }
+    }
+
+    /// The pool with the names its backends' certificates must cover.
+    pub(crate) fn with_names(mut self, names: Vec<String>) -> Self {
+        self.names = names;
+        self
+    }
+
+    /// Records what a tls/https check saw of `backend`'s certificate (DER): expiry and the
+    /// names it does not cover, in the metrics and the status; a change of the missing names
+    /// is logged once. Coverage never decides health: the names are the clients' matter.
+    pub(crate) fn observe_certificate(&self, backend: &Backend, der: &[u8]) {
+        let sans = crate::tls::Sans::of(der);
+        let missing: Vec<String> = sans
+            .missing(&self.names)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let not_after = crate::tls::subject_and_expiry(der).map(|(_, t)| t);
+        if let Some(t) = not_after {
+            backend.metrics.cert_expiry.set(t);
+        }
+        backend
+            .metrics
+            .covers_names
+            .set(i64::from(missing.is_empty()));
+        if let Some(before) = backend.health.set_certificate(missing.clone(), not_after) {
+            if !missing.is_empty() {
+                tracing::warn!(pool = %self.cfg.name, backend = %backend.name, missing = ?missing, "backend certificate does not cover names clients use through the gateway: they will fail with \"certificate is valid for ..., not NAME\"; add them to its SANs");
+            } else if before.is_some_and(|b| !b.is_empty()) {
+                tracing::info!(pool = %self.cfg.name, backend = %backend.name, "backend certificate now covers every name clients use");
+            }
         }
     }
 

@@ -47,6 +47,7 @@ mod listener;
 mod metrics;
 mod net;
 mod phase;
+pub mod probe;
 pub mod relay;
 mod reload;
 mod runtime;

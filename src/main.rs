@@ -29,6 +29,12 @@ struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -54,6 +60,19 @@ enum Command {
         /// (for ExecStartPre, so the unit starts whenever `run` would).
         #[arg(long)]
         allow_expired: bool,
+    },
+    /// Preflight every backend and certificate against the names clients use, without
+    /// starting the gateway: exit 0 all good, 2 a problem found, 1 nothing reachable.
+    Probe {
+        /// The configuration file.
+        #[arg(long, default_value = "/etc/apilb/apilb.toml")]
+        config: PathBuf,
+        /// text (one screen) or json (one document with the same facts).
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Time allowed for each step of each backend (connect, handshake, request).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Start three simulated apiservers with a throwaway PKI and the gateway in front of them.
     Demo {
@@ -87,6 +106,41 @@ fn main() -> ExitCode {
             config,
             allow_expired,
         } => check(&config, allow_expired),
+        Command::Probe {
+            config,
+            output,
+            timeout,
+        } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("apilb probe: invalid configuration:\n{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("apilb: cannot start the runtime: {e}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
+            let report = runtime.block_on(apilb::probe::run(&cfg, timeout));
+            match output {
+                Output::Text => print!("{}", apilb::probe::text(&report)),
+                Output::Json => match serde_json::to_string_pretty(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => {
+                        eprintln!("apilb probe: {e}");
+                        return ExitCode::from(EXIT_RUNTIME);
+                    }
+                },
+            }
+            ExitCode::from(report.exit_code())
+        }
         Command::Run { config, threads } => {
             let cfg = match config::load(&config) {
                 Ok(c) => c,

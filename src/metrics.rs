@@ -59,6 +59,11 @@ pub(crate) const LISTENER_CONNECT_ERRORS: &str = "apilb_listener_connect_errors_
 pub(crate) const CAUSE_CLIENT: &str = "client";
 /// `cause` of [`LISTENER_CONNECT_ERRORS`]: the gateway's own shortage.
 pub(crate) const CAUSE_LOCAL: &str = "local";
+/// `apilb_backend_certificate_covers_names{pool,backend}`: 1 when the backend's certificate
+/// (seen by tls/https checks) covers every name of the passthrough listeners routing to it.
+pub(crate) const BACKEND_CERT_COVERS: &str = "apilb_backend_certificate_covers_names";
+/// `apilb_backend_certificate_expiry_timestamp_seconds{pool,backend}`
+pub(crate) const BACKEND_CERT_EXPIRY: &str = "apilb_backend_certificate_expiry_timestamp_seconds";
 /// `apilb_pool_fail_open_total{pool}`
 pub(crate) const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 
@@ -82,6 +87,8 @@ pub struct Metrics {
     backend_bytes: IntCounterVec,
     pool_fail_open: IntCounterVec,
     backend_healthy: IntGaugeVec,
+    backend_cert_covers: IntGaugeVec,
+    backend_cert_expiry: IntGaugeVec,
     health_checks: IntCounterVec,
     health_check_duration: HistogramVec,
     tls_handshake_errors: IntCounterVec,
@@ -185,6 +192,18 @@ impl Metrics {
                 &r,
                 BACKEND_HEALTHY,
                 "1 while the backend is healthy (gets new connections), else 0.",
+                &["pool", "backend"],
+            ),
+            backend_cert_covers: gauge(
+                &r,
+                BACKEND_CERT_COVERS,
+                "1 when the backend's certificate covers every name clients use through passthrough listeners (tls/https checks), else 0.",
+                &["pool", "backend"],
+            ),
+            backend_cert_expiry: gauge(
+                &r,
+                BACKEND_CERT_EXPIRY,
+                "notAfter of the backend's certificate as tls/https checks see it, Unix seconds.",
                 &["pool", "backend"],
             ),
             health_checks: counter(
@@ -361,6 +380,8 @@ impl Metrics {
                 .backend_bytes
                 .with_label_values(&[pool, backend, "down"]),
             healthy: self.backend_healthy.with_label_values(&[pool, backend]),
+            covers_names: self.backend_cert_covers.with_label_values(&[pool, backend]),
+            cert_expiry: self.backend_cert_expiry.with_label_values(&[pool, backend]),
             checks_pass: self
                 .health_checks
                 .with_label_values(&[pool, backend, "pass"]),
@@ -383,6 +404,8 @@ impl Metrics {
         let _ = self.backend_active.remove_label_values(&pb);
         let _ = self.backend_connect_errors.remove_label_values(&pb);
         let _ = self.backend_healthy.remove_label_values(&pb);
+        let _ = self.backend_cert_covers.remove_label_values(&pb);
+        let _ = self.backend_cert_expiry.remove_label_values(&pb);
         let _ = self.health_check_duration.remove_label_values(&pb);
         for d in ["up", "down"] {
             let _ = self.backend_bytes.remove_label_values(&[pool, backend, d]);
@@ -471,6 +494,10 @@ pub struct BackendMetrics {
     pub bytes_down: IntCounter,
     /// 1 while healthy.
     pub healthy: IntGauge,
+    /// 1 while the certificate covers the listeners' names.
+    pub covers_names: IntGauge,
+    /// The certificate's notAfter.
+    pub cert_expiry: IntGauge,
     /// Passed active checks.
     pub checks_pass: IntCounter,
     /// Failed active checks.

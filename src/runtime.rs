@@ -200,13 +200,28 @@ impl Running {
             .iter()
             .map(|pc| {
                 let previous = self.pools.iter().find(|p| p.cfg.name == pc.name);
-                Arc::new(Pool::new(
-                    pc.clone(),
-                    &self.metrics,
-                    previous.map(AsRef::as_ref),
-                    initial,
-                    &self.drain,
-                ))
+                let mut names: Vec<String> = Vec::new();
+                for l in cfg
+                    .listeners
+                    .iter()
+                    .filter(|l| l.mode == Mode::Passthrough && l.pool == pc.name)
+                {
+                    for n in &l.names {
+                        if !names.contains(n) {
+                            names.push(n.clone());
+                        }
+                    }
+                }
+                Arc::new(
+                    Pool::new(
+                        pc.clone(),
+                        &self.metrics,
+                        previous.map(AsRef::as_ref),
+                        initial,
+                        &self.drain,
+                    )
+                    .with_names(names),
+                )
             })
             .collect()
     }
@@ -442,6 +457,7 @@ fn health_key(p: &Pool, cfg: &Config) -> String {
         .map(|(.., digest)| digest.as_str())
         .collect();
     let server_name = p.cfg.tls.as_ref().map(|t| t.server_name.clone());
+    let names = &p.names;
     format!(
         "{:?}",
         (
@@ -455,6 +471,7 @@ fn health_key(p: &Pool, cfg: &Config) -> String {
             server_name,
             backends,
             files,
+            names,
         )
     )
 }

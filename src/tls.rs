@@ -377,34 +377,81 @@ impl TerminateServer {
     }
 }
 
-/// Whether a certificate's SANs cover `name` (a DNS name, `*.` wildcards one label deep, or an
-/// IP address).
-pub fn covers(der: &[u8], name: &str) -> bool {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return false;
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return false;
-    };
-    let name = name.to_ascii_lowercase();
-    let ip: Option<std::net::IpAddr> = name.parse().ok();
-    san.value.general_names.iter().any(|g| match g {
-        GeneralName::DNSName(d) => {
-            let d = d.to_ascii_lowercase();
-            d == name
-                || d.strip_prefix("*.").is_some_and(|rest| {
-                    name.split_once('.')
-                        .is_some_and(|(first, tail)| !first.is_empty() && tail == rest)
-                })
+/// The names a certificate's SANs cover: DNS names (lower case) and IP addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sans {
+    /// `dNSName` entries, lower case, wildcards as written (`*.example.com`).
+    pub dns: Vec<String>,
+    /// `iPAddress` entries.
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+impl Sans {
+    /// The SANs of a DER certificate; empty when it has none or does not parse.
+    pub fn of(der: &[u8]) -> Self {
+        use x509_parser::extensions::GeneralName;
+        let mut out = Self::default();
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return out;
+        };
+        let Ok(Some(san)) = cert.subject_alternative_name() else {
+            return out;
+        };
+        for g in &san.value.general_names {
+            match g {
+                GeneralName::DNSName(d) => out.dns.push(d.to_ascii_lowercase()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => out.ips.push(std::net::IpAddr::from(
+                        <[u8; 4]>::try_from(*b).unwrap_or_default(),
+                    )),
+                    16 => out.ips.push(std::net::IpAddr::from(
+                        <[u8; 16]>::try_from(*b).unwrap_or_default(),
+                    )),
+                    _ => {}
+                },
+                _ => {}
+            }
         }
-        GeneralName::IPAddress(bytes) => match (ip, bytes.len()) {
-            (Some(std::net::IpAddr::V4(v4)), 4) => v4.octets()[..] == bytes[..],
-            (Some(std::net::IpAddr::V6(v6)), 16) => v6.octets()[..] == bytes[..],
-            _ => false,
-        },
-        _ => false,
-    })
+        out
+    }
+
+    /// Whether these SANs cover `name` as a client checks it (RFC 6125): an IP literal only
+    /// by an IP SAN, a DNS name only by a DNS SAN, case-insensitively, a `*.` wildcard
+    /// standing for exactly one whole left-most label.
+    pub fn cover(&self, name: &str) -> bool {
+        let name = name.trim().trim_end_matches('.');
+        if let Ok(ip) = name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+        {
+            return self.ips.contains(&ip);
+        }
+        let name = name.to_ascii_lowercase();
+        self.dns.iter().any(|d| {
+            let d = d.trim_end_matches('.');
+            match d.strip_prefix("*.") {
+                Some(rest) => name
+                    .split_once('.')
+                    .is_some_and(|(first, tail)| !first.is_empty() && tail == rest),
+                None => d == name,
+            }
+        })
+    }
+
+    /// The names of `names` these SANs do not cover, in order.
+    pub fn missing<'a>(&self, names: &'a [String]) -> Vec<&'a str> {
+        names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !self.cover(n))
+            .collect()
+    }
+}
+
+/// Whether a certificate's SANs cover `name` (see [`Sans::cover`]).
+pub fn covers(der: &[u8], name: &str) -> bool {
+    Sans::of(der).cover(name)
 }
 
 // === TLS and socket failures in words ===
@@ -453,5 +500,59 @@ pub(crate) fn tls_reason(e: &io::Error, name: &ServerName<'_>) -> String {
         },
         rustls::Error::AlertReceived(a) => format!("TLS alert from backend: {a:?}"),
         other => format!("TLS handshake: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sans(dns: &[&str], ips: &[&str]) -> Sans {
+        Sans {
+            dns: dns.iter().map(|d| d.to_string()).collect(),
+            ips: ips.iter().map(|i| i.parse().expect("ip")).collect(),
+        }
+    }
+
+    #[test]
+    fn ip_names_match_only_ip_sans_and_dns_names_only_dns_sans() {
+        let s = sans(
+            &["10.0.0.1", "api.example.com"],
+            &["192.0.2.10", "2001:db8::1"],
+        );
+        assert!(s.cover("192.0.2.10"));
+        assert!(s.cover("2001:db8::1") && s.cover("[2001:db8::1]"));
+        assert!(
+            !s.cover("10.0.0.1"),
+            "an IP written as a DNS SAN does not cover the IP"
+        );
+        assert!(
+            s.cover("API.Example.com"),
+            "DNS names compare case-insensitively"
+        );
+        assert!(!s.cover("api.example.org"));
+    }
+
+    #[test]
+    fn a_wildcard_covers_exactly_one_label() {
+        let s = sans(&["*.example.com"], &[]);
+        assert!(s.cover("a.example.com"));
+        assert!(!s.cover("example.com"));
+        assert!(!s.cover("a.b.example.com"));
+        assert!(!s.cover(".example.com"));
+        assert_eq!(
+            s.missing(&["a.example.com".into(), "example.com".into()]),
+            ["example.com"]
+        );
+    }
+
+    #[test]
+    fn sans_are_read_from_a_real_certificate() {
+        let pki = crate::demo::pki::Pki::generate().expect("pki");
+        let der = certs_from_pem(pki.apiserver.cert_pem.as_bytes(), "a").expect("cert");
+        let s = Sans::of(der[0].as_ref());
+        assert!(s.cover("kubernetes"), "{s:?}");
+        assert!(s.cover("127.0.0.1"), "{s:?}");
+        assert!(Sans::of(b"garbage").dns.is_empty());
     }
 }

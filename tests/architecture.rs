@@ -116,10 +116,13 @@ fn paths(code: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = code;
     while let Some(i) = rest.find("use ") {
-        let before = rest[..i].chars().last();
+        // A `use` item starts its line, maybe after a visibility: the word inside a string
+        // or a sentence is not one.
+        let line = rest[..i].rsplit('\n').next().unwrap_or("").trim();
         let after = &rest[i + 4..];
         rest = after;
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+        if !(line.is_empty() || line == "pub" || (line.starts_with("pub(") && line.ends_with(')')))
+        {
             continue;
         }
         let Some(end) = after.find(';') else { break };

@@ -493,6 +493,20 @@ fn demo_prints_commands_that_work_and_exits_0_on_sigint() {
         .find(|c| c.contains("Bearer"))
         .expect("token line");
     assert!(sh(token).contains("demo-user"));
+    // The printed preflight runs, finds the demo's certificates cover its names, exits 0.
+    let probe = lines
+        .iter()
+        .map(|l| l.trim())
+        .find(|l| l.contains(" probe --config "))
+        .expect("probe line");
+    let mut words = probe.split_whitespace();
+    let out = Command::new(words.next().expect("program"))
+        .args(words)
+        .output()
+        .expect("run probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("no problem found"), "{text}");
 
     signal(child.0.id(), "INT");
     assert_eq!(wait_exit(&mut child.0, 20), 0);
@@ -790,4 +804,40 @@ async fn empty_connections_can_stay_out_of_the_access_log() {
         .collect();
     assert_eq!(access.len(), 1, "{access:#?}");
     assert!(!access[0].contains("\"bytes_up\":0"), "{access:#?}");
+}
+
+/// SPEC §8: a terminate listener's own certificate must cover its names; `check` says which
+/// listener, which name and which certificate file.
+#[test]
+fn check_fails_when_a_terminate_certificate_does_not_cover_a_listener_name() {
+    let tls = TlsFixture::new();
+    let text = format!(
+        "[[pool]]\nname = \"p\"\n[pool.tls]\nca = \"{}\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n\
+         [[listener]]\nname = \"public\"\nlisten = \"127.0.0.1:0\"\nmode = \"terminate\"\npool = \"p\"\nnames = [\"localhost\", \"api.example.test\"]\n\
+         [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        tls.ca().display(),
+        tls.files.public_cert.display(),
+        tls.files.public_key.display()
+    );
+    let path = tls.file("apilb.toml", &text);
+    let (code, _, err) = check(&path);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("listener[0].tls.cert"), "{err}");
+    assert!(err.contains("\"api.example.test\""), "{err}");
+    assert!(
+        err.contains(&tls.files.public_cert.display().to_string()),
+        "{err}"
+    );
+    assert!(
+        !err.contains("\"localhost\""),
+        "a covered name was reported: {err}"
+    );
+    // Names are validated: a wildcard or garbage is not a name clients use.
+    let bad = tls.file(
+        "bad.toml",
+        &text.replace("\"api.example.test\"", "\"*.example.test\""),
+    );
+    let (code, _, err) = check(&bad);
+    assert_eq!(code, 2);
+    assert!(err.contains("listener[0].names"), "{err}");
 }

@@ -76,5 +76,8 @@ fn backend(b: &Backend, draining: Option<&str>) -> serde_json::Value {
         "bytes_up": b.metrics.bytes_up.get(),
         "bytes_down": b.metrics.bytes_down.get(),
         "weight": b.weight,
+        "covers_names": s.missing_names.as_ref().map(Vec::is_empty),
+        "missing_names": s.missing_names,
+        "certificate_not_after": s.certificate_not_after.map(unix_rfc3339),
     })
 }

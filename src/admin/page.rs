@@ -177,9 +177,17 @@ fn backend_row(h: &mut String, b: &Backend, draining: bool) {
         (state, s.reason)
     };
     let when = s.last_check.map_or_else(|| "never".to_string(), ago);
+    // SPEC §8: a certificate without the names clients use is marked, not taken out.
+    let names = match &s.missing_names {
+        Some(m) if !m.is_empty() => format!(
+            " <span class='badge unhealthy' title='certificate does not cover these names'>not valid for {}</span>",
+            esc(&m.join(", "))
+        ),
+        _ => String::new(),
+    };
     let _ = write!(
         h,
-        "<tr><td>{}</td><td><code>{}</code></td><td><span class='badge {state}'>{state}</span></td>\
+        "<tr><td>{}{names}</td><td><code>{}</code></td><td><span class='badge {state}'>{state}</span></td>\
          <td>{} <span class=reason>{}</span></td><td class=num>{}</td><td class=num>{}</td>\
          <td class=num>{}</td><td class=num>{}</td></tr>",
         esc(&b.name),

@@ -90,6 +90,7 @@ pub(super) struct FileListener {
     pub(super) idle_timeout: Option<Spanned<String>>,
     pub(super) first_byte_timeout: Option<Spanned<String>>,
     pub(super) log_empty: Option<Spanned<bool>>,
+    pub(super) names: Option<Spanned<Vec<String>>>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) tls: Option<Spanned<FileListenerTls>>,
 }

@@ -62,8 +62,9 @@ impl Validator<'_> {
             &format!("listener[{i}].mode"),
             Mode::Passthrough,
         );
+        let names = self.names(i, l.names.as_ref());
         let tls = match (mode, l.tls) {
-            (Mode::Terminate, Some(t)) => self.listener_tls(i, t),
+            (Mode::Terminate, Some(t)) => self.listener_tls(i, t, &names),
             (Mode::Terminate, None) => {
                 let span = l.mode.as_ref().map_or(l.name.span(), Spanned::span);
                 self.error(
@@ -140,13 +141,19 @@ impl Validator<'_> {
             idle_timeout,
             first_byte_timeout,
             log_empty: l.log_empty.as_ref().is_none_or(|v| *v.get_ref()),
+            names,
             max_connections,
             tls,
         }
     }
 
     /// `[listener.tls]` of listener `i`.
-    fn listener_tls(&mut self, i: usize, t: Spanned<FileListenerTls>) -> Option<ListenerTlsConfig> {
+    fn listener_tls(
+        &mut self,
+        i: usize,
+        t: Spanned<FileListenerTls>,
+        names: &[String],
+    ) -> Option<ListenerTlsConfig> {
         let t = t.into_inner();
         let k = |key: &str| format!("listener[{i}].tls.{key}");
         let max_handshakes = self.int_in(
@@ -209,6 +216,28 @@ impl Validator<'_> {
             }
         }
         let certs = Arc::new(crate::tls::SniResolver::new(default?, by_name));
+        // SPEC §8: the certificate a client of this listener verifies is this listener's own
+        // (or the SNI certificate for the name it asks for): it must cover every name.
+        for n in names {
+            let (ck, by_sni) = certs.lookup(Some(n));
+            let covered = ck
+                .cert
+                .first()
+                .is_some_and(|c| crate::tls::covers(c.as_ref(), n));
+            if !covered {
+                let file = match by_sni {
+                    true => "its SNI certificate".to_string(),
+                    false => format!("{}", self.path(t.cert.get_ref()).display()),
+                };
+                self.error(
+                    t.cert.span(),
+                    k("cert"),
+                    format!(
+                        "listener names {n:?}, which {file} does not cover: clients using that name will fail with \"certificate is valid for ..., not {n}\"; add it to the certificate's SANs"
+                    ),
+                );
+            }
+        }
         let server = match crate::tls::TerminateServer::new(certs.clone()) {
             Ok(s) => Arc::new(s),
             Err(e) => {
@@ -223,5 +252,33 @@ impl Validator<'_> {
             certs,
             server,
         })
+    }
+
+    /// `names`: DNS names or IP addresses, each once.
+    fn names(&mut self, i: usize, v: Option<&Spanned<Vec<String>>>) -> Vec<String> {
+        let Some(v) = v else { return Vec::new() };
+        let key = format!("listener[{i}].names");
+        let mut out: Vec<String> = Vec::new();
+        for n in v.get_ref() {
+            let n = n.trim().trim_end_matches('.').to_ascii_lowercase();
+            let ip = n
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>();
+            let valid = ip.is_ok()
+                || (!n.contains('*') && rustls::pki_types::DnsName::try_from(n.as_str()).is_ok());
+            if !valid {
+                self.error(
+                    v.span(),
+                    &key,
+                    format!("{n:?} is not a DNS name or an IP address (wildcards belong in certificates, not here)"),
+                );
+            } else if out.contains(&n) {
+                self.error(v.span(), &key, format!("{n:?} is listed twice"));
+            } else {
+                out.push(ip.map_or(n, |ip| ip.to_string()));
+            }
+        }
+        out
     }
 }

@@ -364,6 +364,10 @@ pub struct ListenerConfig {
     /// Passthrough: a client that sends nothing for this long is closed before any backend
     /// is contacted (`end=client_silent`); zero turns the wait off (server-first protocols).
     pub first_byte_timeout: Duration,
+    /// The names clients use to reach this listener (DNS names and IP addresses: the
+    /// gateway's name, its virtual IP), which the certificate clients verify must cover
+    /// (SPEC §8): the backends' for passthrough, the listener's own for terminate.
+    pub names: Vec<String>,
     /// Whether connections that moved no byte either way (scanners, port probes, silent
     /// clients) write an access line; they are counted either way (HAProxy's `dontlognull`
     /// is `log_empty = false`).

@@ -212,7 +212,9 @@ fn demo_config(opts: &DemoOptions, servers: &[ApiServer], files: &pki::PkiFiles)
     let _ = write!(
         s,
         "\n[[listener]]\nname = \"passthrough\"\nlisten = \"{}\"\nmode = \"passthrough\"\npool = \"apiservers\"\nidle_timeout = \"1h\"\n\
+         names = [\"localhost\", \"127.0.0.1\"]   # what clients connect to; `apilb probe` checks the apiservers' certificates cover them\n\
          \n[[listener]]\nname = \"public\"\nlisten = \"{}\"\nmode = \"terminate\"\npool = \"apiservers\"\nidle_timeout = \"1h\"\n\
+         names = [\"localhost\", \"apilb.demo.test\"]\n\
          \n  [listener.tls]\n  cert = \"{}\"\n  key = \"{}\"\n  handshake_timeout = \"10s\"\n",
         opts.passthrough,
         opts.terminate,
@@ -330,6 +332,16 @@ fn instructions(servers: &[ApiServer], w: &Shown<'_>) -> String {
         w.admin
     );
     let _ = writeln!(s, "  curl -s http://{}/readyz", w.admin);
+    let _ = writeln!(
+        s,
+        "\nBefore going live, check every backend's certificate against the names clients use:"
+    );
+    let _ = writeln!(
+        s,
+        "  {} probe --config {}",
+        std::env::current_exe().map_or_else(|_| "apilb".to_string(), |p| p.display().to_string()),
+        w.config.display()
+    );
     let _ = writeln!(
         s,
         "\nThe gateway's config is {}. Ctrl-C stops the demo.",

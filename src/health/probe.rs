@@ -48,8 +48,12 @@ pub(crate) fn spawn(pool: &Arc<Pool>, stop: &CancellationToken) {
                 let started = Instant::now();
                 // A check in flight is not cut short by shutdown (it is bounded by its
                 // timeout): a probe dropped mid-handshake is an error in the apiserver's log.
-                let result =
-                    tokio::time::timeout(cfg.timeout, check(&backend, cfg, name.clone())).await;
+                let mut leaf = None;
+                let result = tokio::time::timeout(
+                    cfg.timeout,
+                    check(&backend, cfg, name.clone(), &mut leaf),
+                )
+                .await;
                 if stop.is_cancelled() {
                     return;
                 }
@@ -71,6 +75,9 @@ pub(crate) fn spawn(pool: &Arc<Pool>, stop: &CancellationToken) {
                     backend.metrics.checks_fail.inc();
                 }
                 pool.observe(&backend, pass, &reason);
+                if let Some(der) = leaf {
+                    pool.observe_certificate(&backend, &der);
+                }
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(jittered(cfg.interval)) => {}
@@ -90,42 +97,96 @@ async fn check(
     backend: &Backend,
     cfg: &HealthConfig,
     name: ServerName<'static>,
+    leaf: &mut Option<Vec<u8>>,
 ) -> Result<(), String> {
-    let tcp = TcpStream::connect(backend.addr)
-        .await
-        .map_err(|e| io_reason(&e))?;
-    let _ = tcp.set_nodelay(true);
+    let tcp = reach(backend.addr).await?;
     let tls_config = match (cfg.check, &cfg.tls) {
         (CheckKind::Tcp, _) => return Ok(()),
         (_, Some(c)) => c.clone(),
         // Validation requires [pool.tls] for these checks.
         (_, None) => return Err("no [pool.tls] for a TLS check".into()),
     };
-    let tls = tokio_rustls::TlsConnector::from(tls_config)
-        .connect(name.clone(), tcp)
-        .await
-        .map_err(|e| tls_reason(&e, &name))?;
+    let tls = handshake(tcp, tls_config, &name).await?;
+    *leaf = leaf_of(&tls);
     if cfg.check == CheckKind::Tls {
         close_cleanly(tls);
         return Ok(());
     }
+    let status = get_status(tls, &host_header(&name, backend.addr), &cfg.path).await?;
+    judge_status(status, cfg)
+}
+
+// === The steps, shared with `apilb probe` (one way to reach and judge a backend) ===
+
+/// A TCP connection to `addr`, or why not in plain words.
+pub(crate) async fn reach(addr: std::net::SocketAddr) -> Result<TcpStream, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| io_reason(&e))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// A TLS handshake as `config` verifies it, or the failure in the words operators search
+/// for ("certificate signed by unknown authority", ...).
+pub(crate) async fn handshake(
+    tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    name: &ServerName<'static>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name.clone(), tcp)
+        .await
+        .map_err(|e| tls_reason(&e, name))
+}
+
+/// The peer's leaf certificate (DER).
+pub(crate) fn leaf_of(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Option<Vec<u8>> {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec())
+}
+
+/// The Host header for `name`: the DNS name, else the address.
+pub(crate) fn host_header(name: &ServerName<'_>, addr: std::net::SocketAddr) -> String {
+    match name {
+        ServerName::DnsName(d) => d.as_ref().to_string(),
+        _ => addr.to_string(),
+    }
+}
+
+/// The verdict of an https check on `status`, with the 401/403 hint.
+pub(crate) fn judge_status(status: u16, cfg: &HealthConfig) -> Result<(), String> {
+    if cfg.expect_status.contains(&status) {
+        Ok(())
+    } else if status == 401 || status == 403 {
+        Err(format!(
+            "status {status}: anonymous access to {} is off: set health.client_cert, or allow anonymous health endpoints",
+            cfg.path
+        ))
+    } else {
+        Err(format!("status {status}"))
+    }
+}
+
+/// `GET path` over HTTP/1.1 on `tls`; the status code. The connection is driven while the
+/// response and at most BODY_LIMIT bytes of its body are read: waiting for the connection to
+/// finish first would hold a body of more than one frame (`/readyz?verbose`, chunked) until
+/// the check timed out.
+pub(crate) async fn get_status(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    host: &str,
+    path: &str,
+) -> Result<u16, String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
     let conn = conn.without_shutdown();
-    let host = match &name {
-        ServerName::DnsName(d) => d.as_ref().to_string(),
-        _ => backend.addr.to_string(),
-    };
-    let req = hyper::Request::get(cfg.path.as_str())
+    let req = hyper::Request::get(path)
         .header(hyper::header::HOST, host)
         .header(hyper::header::USER_AGENT, "apilb-health-check")
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("HTTP request: {e}"))?;
-    // The verdict comes from the status line. The connection is driven while the response
-    // and at most BODY_LIMIT bytes of its body are read: waiting for the connection to finish
-    // first would hold a body of more than one frame (`/readyz?verbose`, chunked) until the
-    // check timed out.
     let mut conn = std::pin::pin!(conn);
     let resp = tokio::select! {
         r = sender.send_request(req) => r.map_err(|e| format!("HTTP: {e}"))?,
@@ -160,23 +221,14 @@ async fn check(
             close_cleanly(parts.io.into_inner());
         }
     }
-    if cfg.expect_status.contains(&status) {
-        Ok(())
-    } else if status == 401 || status == 403 {
-        Err(format!(
-            "status {status}: anonymous access to {} is off: set health.client_cert, or allow anonymous health endpoints",
-            cfg.path
-        ))
-    } else {
-        Err(format!("status {status}"))
-    }
+    Ok(status)
 }
 
 /// Ends a probe's TLS session the way a well-behaved client does, off the check's clock
 /// (the verdict is already in): send close_notify, then read until the server's own close.
 /// Dropping the socket with unread bytes (TLS 1.3 session tickets) would make the kernel
 /// send a reset, and the apiserver would log a failed connection for every probe.
-fn close_cleanly(mut tls: tokio_rustls::client::TlsStream<TcpStream>) {
+pub(crate) fn close_cleanly(mut tls: tokio_rustls::client::TlsStream<TcpStream>) {
     tokio::spawn(async move {
         let _ = tls.shutdown().await;
         let mut sink = tokio::io::sink();

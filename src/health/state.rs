@@ -45,6 +45,12 @@ pub struct Status {
     pub reason: String,
     /// When the last result came in.
     pub last_check: Option<SystemTime>,
+    /// The names (of the passthrough listeners routing here) that the backend's certificate
+    /// does not cover, as of the last tls/https check; `None` before one saw a certificate.
+    /// Reported, never a reason to take the backend out (SPEC §8).
+    pub missing_names: Option<Vec<String>>,
+    /// The backend certificate's notAfter (Unix seconds), from the last tls/https check.
+    pub certificate_not_after: Option<i64>,
 }
 
 /// Health of one backend.
@@ -65,6 +71,8 @@ impl BackendHealth {
                 failures: 0,
                 reason: "not checked yet".into(),
                 last_check: None,
+                missing_names: None,
+                certificate_not_after: None,
             }),
         }
     }
@@ -80,6 +88,21 @@ impl BackendHealth {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Records what a check saw of the backend's certificate. Returns the previous missing
+    /// names when they changed (so a change is logged once, not on every check).
+    pub fn set_certificate(
+        &self,
+        missing: Vec<String>,
+        not_after: Option<i64>,
+    ) -> Option<Option<Vec<String>>> {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.certificate_not_after = not_after;
+        if s.missing_names.as_ref() == Some(&missing) {
+            return None;
+        }
+        Some(s.missing_names.replace(missing))
     }
 
     /// Records one result. Returns the previous and the new state when it changed.
@@ -160,5 +183,19 @@ mod tests {
     fn unknown_backend_added_later_starts_out_of_rotation() {
         assert!(!BackendHealth::new(false).is_healthy());
         assert_eq!(BackendHealth::new(false).status().state, State::Unknown);
+    }
+
+    /// SPEC §8: a change of the missing names is reported once, not on every check.
+    #[test]
+    fn certificate_coverage_changes_are_reported_once() {
+        let h = BackendHealth::new(true);
+        assert_eq!(h.set_certificate(vec!["vip".into()], Some(1)), Some(None));
+        assert_eq!(h.set_certificate(vec!["vip".into()], Some(1)), None);
+        assert_eq!(
+            h.set_certificate(Vec::new(), Some(2)),
+            Some(Some(vec!["vip".to_string()]))
+        );
+        assert_eq!(h.set_certificate(Vec::new(), Some(2)), None);
+        assert_eq!(h.status().certificate_not_after, Some(2));
     }
 }
