@@ -14,7 +14,7 @@ use apilb::config::{self, Config};
 #[derive(Debug, Parser)]
 #[command(
     name = "apilb",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("APILB_GIT_COMMIT"), ")"),
     about = "Layer-4 / TLS-passthrough load balancer for Kubernetes API servers"
 )]
 struct Cli {
@@ -74,6 +74,14 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Print shell completions for SHELL on stdout.
+    Completions {
+        /// bash, zsh or fish (also elvish, powershell).
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout; the Debian package ships it as apilb(1).
+    #[command(hide = true)]
+    Manpage,
     /// Start three simulated apiservers with a throwaway PKI and the gateway in front of them.
     Demo {
         /// Address of the gateway's passthrough listener (port 0: ephemeral).
@@ -106,6 +114,26 @@ fn main() -> ExitCode {
             config,
             allow_expired,
         } => check(&config, allow_expired),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Into a buffer first: the generator panics on a write error (a closed pipe).
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "apilb", &mut out);
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(&out);
+            ExitCode::SUCCESS
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(cmd).render(&mut out) {
+                eprintln!("apilb: cannot render the man page: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(&out);
+            ExitCode::SUCCESS
+        }
         Command::Probe {
             config,
             output,

@@ -64,6 +64,9 @@ pub(crate) const CAUSE_LOCAL: &str = "local";
 pub(crate) const BACKEND_CERT_COVERS: &str = "apilb_backend_certificate_covers_names";
 /// `apilb_backend_certificate_expiry_timestamp_seconds{pool,backend}`
 pub(crate) const BACKEND_CERT_EXPIRY: &str = "apilb_backend_certificate_expiry_timestamp_seconds";
+/// `apilb_ready`: 1 when `/readyz` would answer 200, set when `/metrics` is encoded (what an
+/// alert on "not ready" reads).
+pub(crate) const READY: &str = "apilb_ready";
 /// `apilb_pool_fail_open_total{pool}`
 pub(crate) const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 
@@ -96,6 +99,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     config_info: IntGaugeVec,
+    ready: IntGauge,
     listener_closed: IntCounterVec,
 }
 
@@ -265,6 +269,13 @@ impl Metrics {
                 "1 for the content hash of the running configuration (changes on each applied reload).",
                 &["hash"],
             ),
+            ready: {
+                let g = IntGauge::new(READY, "1 when /readyz answers 200 (every listener's pool has a healthy backend and the gateway is not shutting down), else 0.")
+                    .expect("metric names are static and valid");
+                r.register(Box::new(g.clone()))
+                    .expect("each metric is registered once");
+                g
+            },
             listener_closed: counter(
                 &r,
                 LISTENER_CLOSED,
@@ -413,6 +424,11 @@ impl Metrics {
         for r in ["pass", "fail"] {
             let _ = self.health_checks.remove_label_values(&[pool, backend, r]);
         }
+    }
+
+    /// Sets `apilb_ready`.
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     /// The fail-open counter of one pool.

@@ -841,3 +841,34 @@ fn check_fails_when_a_terminate_certificate_does_not_cover_a_listener_name() {
     assert_eq!(code, 2);
     assert!(err.contains("listener[0].names"), "{err}");
 }
+
+#[test]
+fn version_names_the_commit_and_completions_and_the_man_page_are_generated() {
+    let run = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).output().expect("run");
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let v = run(&["--version"]);
+    let commit = v
+        .trim()
+        .strip_prefix(concat!("apilb ", env!("CARGO_PKG_VERSION"), " ("))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        commit == "unknown"
+            || commit
+                .trim_end_matches("-dirty")
+                .chars()
+                .all(|c| c.is_ascii_hexdigit()),
+        "{v}"
+    );
+    assert!(run(&["completions", "bash"]).contains("_apilb"));
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef apilb"));
+    assert!(run(&["completions", "fish"]).contains("complete -c apilb"));
+    let man = run(&["manpage"]);
+    assert!(
+        man.contains(".TH apilb 1") && man.contains("probe"),
+        "{man}"
+    );
+}

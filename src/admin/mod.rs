@@ -75,6 +75,8 @@ impl Admin {
         match &*cached {
             Some((at, text)) if now.duration_since(*at) < METRICS_CACHE => text.clone(),
             _ => {
+                let ready = not_ready(&self.view.load(), *self.phase.borrow()).is_none();
+                self.metrics.set_ready(ready);
                 let text = Bytes::from(self.metrics.encode());
                 *cached = Some((now, text.clone()));
                 text
