@@ -195,7 +195,11 @@ impl Pool {
             .backends
             .iter()
             .map(|b| match existing.iter().find(|e| e.addr == b.addr) {
-                Some(e) if e.name == b.name && e.weight == b.weight => e.clone(),
+                // The address as written matters too: without [pool.tls] server_name it is the
+                // name TLS verifies.
+                Some(e) if e.name == b.name && e.weight == b.weight && e.address == b.address => {
+                    e.clone()
+                }
                 Some(e) => Arc::new(e.renamed(&cfg.name, b, metrics)),
                 None => Arc::new(Backend::new(&cfg.name, b, metrics, healthy_at_first, drain)),
             })
@@ -654,6 +658,28 @@ mod tests {
         assert!(
             p3.backends[1].health.is_healthy(),
             "carried over, not a new backend"
+        );
+    }
+
+    /// The address as written is the TLS name when the pool has no server_name: a change of
+    /// it (same IP) must reach the backend object, not leave the old name in place.
+    #[test]
+    fn a_rewritten_address_with_the_same_ip_is_carried_with_the_new_text() {
+        let metrics = Metrics::new();
+        let p1 = pool(Balance::LeastConn, &[1]);
+        let mut cfg = (*p1.cfg).clone();
+        cfg.backends[0].address = "cp0.internal:1000".into();
+        let p2 = Pool::new(
+            Arc::new(cfg),
+            &metrics,
+            Some(&p1),
+            false,
+            &CancellationToken::new(),
+        );
+        assert_eq!(p2.backends[0].address, "cp0.internal:1000");
+        assert!(
+            Arc::ptr_eq(&p1.backends[0].health, &p2.backends[0].health),
+            "same backend"
         );
     }
 

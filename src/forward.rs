@@ -57,7 +57,12 @@ pub(crate) async fn serve(
     // failure) runs in this box, which is freed once connected: a task is as large as its
     // largest state for its whole life, and only the relay's state should stay.
     let connected = Box::pin(async {
-        match first_bytes(&client, state.cfg.first_byte_timeout).await {
+        let waited = tokio::select! {
+            w = first_bytes(&client, state.cfg.first_byte_timeout) => w,
+            // Shutdown's deadline (or a second signal) ends the wait too.
+            () = state.drain.cancelled() => FirstBytes::Closed,
+        };
+        match waited {
             FirstBytes::Arrived => {}
             FirstBytes::Silent => {
                 state.log_silent(client_addr, started);

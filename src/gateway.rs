@@ -190,6 +190,7 @@ impl Gateway {
             running: running.clone(),
             lifecycle: lifecycle.clone(),
             source,
+            tried: Arc::default(),
         };
 
         // The admin server outlives draining, so /readyz can say "draining" to keepalived.

@@ -134,10 +134,9 @@ impl AcceptLoop {
 }
 
 /// The most a passthrough connection's task may take: with its two sockets it is what every
-/// idle watch costs (docs/performance.md), so growth must be argued for. 784 bytes when set
-/// (824 before round 2); connecting outside the box in `forward::serve`, or wrapping the
-/// serving future in an async block (which keeps its arguments, or the awaited future,
-/// twice), each break it.
+/// idle watch costs (docs/performance.md), so growth must be argued for. Connecting outside
+/// the box in `forward::serve`, or wrapping the serving future in an async block (which keeps
+/// its arguments, or the awaited future, twice), each break it.
 #[cfg(test)]
 const CONNECTION_TASK_BUDGET: usize = 800;
 

@@ -76,23 +76,22 @@ impl Lifecycle {
     /// Enters `next`. Once shutdown began, only later phases are entered: a reload that
     /// finishes during the drain must not announce READY again.
     pub(crate) fn enter(&self, next: Phase) {
-        let moved = self.tx.send_if_modified(|p| {
+        // The announcement is made inside the update, under the channel's lock, so two
+        // moves racing (a reload ending as shutdown begins) cannot announce out of order.
+        self.tx.send_if_modified(|p| {
             let allowed = !p.is_stopping() || (next == Phase::Stopped && *p == Phase::Draining);
-            if allowed && *p != next {
-                *p = next;
-                true
-            } else {
-                false
+            if !allowed || *p == next {
+                return false;
             }
-        });
-        if moved {
+            *p = next;
             match next {
                 Phase::Running => crate::sd_notify::ready(&(self.status)()),
                 Phase::Reloading => crate::sd_notify::reloading(),
                 Phase::Draining => crate::sd_notify::stopping(),
                 Phase::Starting | Phase::Stopped => {}
             }
-        }
+            true
+        });
     }
 }
 

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Mode, PoolConfig};
 use crate::health::probe::{get_status, handshake, host_header, judge_status, leaf_of, reach};
-use crate::tls::Sans;
+use crate::tls::{sni_for, Sans};
 
 /// A certificate expiring sooner than this is a problem worth a line.
 const SOON: i64 = 30 * 86_400;
@@ -43,8 +43,12 @@ pub struct PoolReport {
     pub name: String,
     /// The names its backends' certificates must cover (its passthrough listeners').
     pub names: Vec<String>,
-    /// Whether every reachable backend presents the same SANs.
+    /// Whether every reachable backend presents the same SANs. Information only: kubeadm,
+    /// k3s and RKE2 give each apiserver its own node name and address.
     pub same_sans: bool,
+    /// Names (the listeners' and `server_name`) that some backends' certificates cover and
+    /// others' do not: clients using them would fail on some backends only. A problem.
+    pub disagree_on: Vec<String>,
     /// One entry per backend.
     pub backends: Vec<BackendReport>,
 }
@@ -173,6 +177,27 @@ pub async fn run(cfg: &Config, timeout: Duration) -> Report {
             b.sort();
             a == b
         });
+        // The names that matter to clients: a difference there fails clients on some
+        // backends only; a difference elsewhere (each node's own name and address) is normal.
+        let mut matter = names.clone();
+        if let Some(n) = pool.tls.as_ref().and_then(|t| t.server_name.clone()) {
+            if !matter.contains(&n) {
+                matter.push(n);
+            }
+        }
+        let seen: Vec<Sans> = backends
+            .iter()
+            .filter_map(|b| b.certificate.as_ref())
+            .map(|c| sans_from(&c.sans))
+            .collect();
+        let disagree_on: Vec<String> = matter
+            .iter()
+            .filter(|n| {
+                let covered = seen.iter().filter(|s| s.cover(n)).count();
+                covered > 0 && covered < seen.len()
+            })
+            .cloned()
+            .collect();
         for b in &backends {
             let at = format!("pool {} backend {}", pool.name, b.name);
             if let Some(e) = &b.unreachable {
@@ -207,16 +232,18 @@ pub async fn run(cfg: &Config, timeout: Duration) -> Report {
                 problems.push(format!("{at}: GET {path}: {e}"));
             }
         }
-        if !same_sans {
+        if !disagree_on.is_empty() {
             problems.push(format!(
-                "pool {}: backends present different SANs",
-                pool.name
+                "pool {}: backends disagree on {}: some certificates cover them, others do not",
+                pool.name,
+                disagree_on.join(", ")
             ));
         }
         pools.push(PoolReport {
             name: pool.name.clone(),
             names,
             same_sans,
+            disagree_on,
             backends,
         });
     }
@@ -230,7 +257,7 @@ pub async fn run(cfg: &Config, timeout: Duration) -> Report {
                 .names
                 .iter()
                 .filter(|n| {
-                    let (ck, _) = tls.certs.lookup(Some(n));
+                    let (ck, _) = tls.certs.lookup(sni_for(n));
                     !ck.cert
                         .first()
                         .is_some_and(|c| crate::tls::covers(c.as_ref(), n))
@@ -431,6 +458,18 @@ fn cert_report(der: &[u8], sans: &Sans) -> Option<CertReport> {
     })
 }
 
+/// SANs back from the report's strings (DNS names and IP addresses).
+fn sans_from(list: &[String]) -> Sans {
+    let mut s = Sans::default();
+    for n in list {
+        match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => s.ips.push(ip),
+            Err(_) => s.dns.push(n.clone()),
+        }
+    }
+    s
+}
+
 /// Whether the backend accepts `proto` when it is the only protocol offered; `None` when
 /// that could not be told (unreachable, no TLS).
 async fn accepts(
@@ -621,8 +660,17 @@ pub fn text(r: &Report) -> String {
                 ready
             );
         }
-        if !p.same_sans {
-            let _ = writeln!(s, "  the backends present different SANs");
+        if !p.disagree_on.is_empty() {
+            let _ = writeln!(
+                s,
+                "  the backends disagree on {}: covered by some certificates, not others",
+                p.disagree_on.join(", ")
+            );
+        } else if !p.same_sans {
+            let _ = writeln!(
+                s,
+                "  (the backends' SANs differ elsewhere: each node's own names, as usual)"
+            );
         }
         let _ = writeln!(s);
     }

@@ -65,12 +65,21 @@ struct ListenerRt {
     max: u32,
     /// Permits still to be taken back after `max_connections` was lowered while more
     /// connections than the new limit were open: taken as connections close.
-    owed: Arc<std::sync::Mutex<u32>>,
+    owed: Arc<std::sync::Mutex<Debt>>,
     /// The task collecting `owed`.
     shrink: Option<tokio::task::AbortHandle>,
     /// Handshake slots (terminate listeners) and their number.
     handshakes: (Arc<Semaphore>, u32),
     drain: CancellationToken,
+}
+
+/// Permits still owed after a lowered limit, and which collecting task may pay them: a task
+/// whose epoch is no longer current gives what it gathered back instead (comparing amounts
+/// alone let a stale task pay a newer debt and leave the new task waiting forever).
+#[derive(Debug, Default)]
+struct Debt {
+    owed: u32,
+    epoch: u64,
 }
 
 /// The gateway's running state.
@@ -368,8 +377,9 @@ impl Running {
         added
     }
 
-    /// The previous health loops end; carried-over backends keep their state and are next
-    /// checked after an interval, new ones at once.
+    /// Keeps each pool's health loops when nothing they use changed (see [`health_key`]);
+    /// otherwise the old ones end and new ones start: carried-over backends keep their state
+    /// and are next checked after an interval, new ones at once.
     fn restart_health(
         &mut self,
         cfg: &Config,
@@ -444,10 +454,17 @@ impl Running {
 /// this is unchanged by a reload, the running loops are as good as new ones.
 fn health_key(p: &Pool, cfg: &Config) -> String {
     let h = &p.cfg.health;
-    let backends: Vec<(usize, &str, u32)> = p
+    let backends: Vec<(usize, &str, &str, u32)> = p
         .backends
         .iter()
-        .map(|b| (Arc::as_ptr(b) as usize, b.name.as_str(), b.weight))
+        .map(|b| {
+            (
+                Arc::as_ptr(b) as usize,
+                b.name.as_str(),
+                b.address.as_str(),
+                b.weight,
+            )
+        })
         .collect();
     let scope = format!("pool/{}", p.cfg.name);
     let files: Vec<&str> = cfg
@@ -532,13 +549,14 @@ fn bind_all(
 /// close (it queues for them, so new connections are refused until the limit holds). Open
 /// connections are never cut.
 fn set_limit(rt: &mut ListenerRt, max: u32) {
-    let mut owed = rt
+    let mut debt = rt
         .owed
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     // What the semaphore holds now: the limit in force plus what is still owed. A pending
-    // task that finds the debt cancelled gives its permits back.
-    let real = rt.max.saturating_add(std::mem::take(&mut *owed));
+    // task finds its epoch gone and gives its permits back.
+    let real = rt.max.saturating_add(std::mem::take(&mut debt.owed));
+    debt.epoch += 1;
     if let Some(task) = rt.shrink.take() {
         // Dropping its wait returns what it had gathered; the debt is recomputed below.
         task.abort();
@@ -550,18 +568,19 @@ fn set_limit(rt: &mut ListenerRt, max: u32) {
         let took = u32::try_from(rt.limit.forget_permits(want as usize)).unwrap_or(want);
         let rest = want.saturating_sub(took);
         if rest > 0 {
-            *owed = rest;
-            let (limit, debt) = (rt.limit.clone(), rt.owed.clone());
+            debt.owed = rest;
+            let epoch = debt.epoch;
+            let (limit, shared) = (rt.limit.clone(), rt.owed.clone());
             let task = tokio::spawn(async move {
                 let Ok(permits) = limit.acquire_many_owned(rest).await else {
                     return;
                 };
-                let mut owed = debt
+                let mut debt = shared
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if *owed == rest {
+                if debt.epoch == epoch {
                     permits.forget();
-                    *owed = 0;
+                    debt.owed = 0;
                 }
             });
             rt.shrink = Some(task.abort_handle());
@@ -630,7 +649,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(l.limit.available_permits(), 0, "over the lowered limit");
-        assert_eq!(*l.owed.lock().expect("lock"), 0);
+        assert_eq!(l.owed.lock().expect("lock").owed, 0);
         // Now five are open, the new limit: one more closing frees exactly one slot.
         open.pop();
         assert_eq!(l.limit.available_permits(), 1);

@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -73,7 +74,17 @@ pub(crate) async fn drain(
             "drain deadline reached (or a second signal): closing the remaining connections"
         );
         drain.cancel();
-        tracker.wait().await;
+        // Every connection watches the drain token; this bound only keeps a bug from
+        // holding the process past the service manager's stop timeout.
+        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                left = tracker.len(),
+                "connections did not end after the drain deadline; exiting anyway"
+            );
+        }
         forced
     };
     lifecycle.enter(Phase::Stopped);

@@ -449,6 +449,13 @@ impl Sans {
     }
 }
 
+/// The SNI a client sends for `name`: none for an IP address (RFC 6066 forbids IP literals in
+/// SNI), so such a client always gets a terminate listener's default certificate.
+pub fn sni_for(name: &str) -> Option<&str> {
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>().is_err().then_some(name)
+}
+
 /// Whether a certificate's SANs cover `name` (see [`Sans::cover`]).
 pub fn covers(der: &[u8], name: &str) -> bool {
     Sans::of(der).cover(name)
@@ -531,6 +538,13 @@ mod tests {
             "DNS names compare case-insensitively"
         );
         assert!(!s.cover("api.example.org"));
+    }
+
+    #[test]
+    fn ip_names_send_no_sni() {
+        assert_eq!(sni_for("203.0.113.10"), None);
+        assert_eq!(sni_for("[2001:db8::1]"), None);
+        assert_eq!(sni_for("api.example.com"), Some("api.example.com"));
     }
 
     #[test]

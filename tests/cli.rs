@@ -872,3 +872,80 @@ fn version_names_the_commit_and_completions_and_the_man_page_are_generated() {
         "{man}"
     );
 }
+
+/// The soak found it: while the gateway is out of descriptors, health checks failed with its
+/// own EMFILE and took every backend out at once (the same class as round-2 hardening item
+/// 1, on the active side). Now such a check has no result instead of a failed one.
+#[tokio::test]
+async fn health_checks_do_not_charge_the_gateways_own_emfile_to_backends() {
+    const LIMIT: usize = 48;
+    let echo = EchoServer::start().await;
+    let text = format!(
+        "[global]\nmax_connections = 1000\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        simple_config(
+            &[echo.addr],
+            "[pool.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\nfall = 1",
+            "",
+        )
+    );
+    let (_dir, path) = write_temp("apilb.toml", &text);
+    let (child, addr, logs, _) = run_gateway(
+        &path,
+        &["prlimit", &format!("--nofile={LIMIT}:{LIMIT}"), "--"],
+    );
+    let pid = child.id();
+    let mut child = KillOnDrop(child);
+    let admin: SocketAddr = within(10, "admin address", async {
+        loop {
+            if let Ok(line) = logs.try_recv() {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v["message"] == "admin server listening" {
+                    break v["addr"].as_str().expect("addr").parse().expect("addr");
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..LIMIT {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"x").await.expect("write");
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await {
+            Ok(Ok(1)) => held.push(s),
+            _ => break,
+        }
+    }
+    // Take the last descriptors too (idle admin connections), then let checks run into
+    // EMFILE for a while.
+    for _ in 0..4 {
+        if open_fds(pid, LIMIT) >= LIMIT {
+            break;
+        }
+        held.push(TcpStream::connect(admin).await.expect("admin"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(open_fds(pid, LIMIT) >= LIMIT - 1, "not saturated");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    held.clear();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, _, text) = within(10, "metrics", admin_request(admin, "GET", "/metrics")).await;
+    let m = Metrics::parse(&text);
+    let b0 = [("pool", "p"), ("backend", "b0")];
+    assert_eq!(
+        m.value(
+            "apilb_health_checks_total",
+            &[("pool", "p"), ("backend", "b0"), ("result", "fail")]
+        ),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(m.value("apilb_backend_healthy", &b0), 1.0);
+    signal(pid, "TERM");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child.0, 40))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+}

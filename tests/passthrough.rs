@@ -652,3 +652,33 @@ async fn shutdown_grace_fails_readyz_first_and_keeps_accepting() {
     assert_eq!(report.forced, 1, "the open connection was closed at once");
     drop(held);
 }
+
+/// A second signal (Handle::hurry) ends clients still waiting for their first bytes at once,
+/// whatever first_byte_timeout says.
+#[tokio::test]
+async fn hurrying_ends_clients_that_have_not_spoken() {
+    let echo = EchoServer::start().await;
+    let mut gw = gateway(&simple_config(
+        &[echo.addr],
+        "",
+        "first_byte_timeout = \"1h\"",
+    ))
+    .await;
+    let mut quiet = within(5, "connect", TcpStream::connect(gw.addr()))
+        .await
+        .expect("connect");
+    eventually(5, "accepted", || {
+        gw.metric("apilb_listener_active_connections", &[("listener", "l")]) == 1.0
+    })
+    .await;
+    gw.begin_shutdown();
+    gw.handle().hurry();
+    let started = std::time::Instant::now();
+    gw.shutdown().await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let mut b = [0u8; 1];
+    assert_eq!(
+        within(5, "closed", quiet.read(&mut b)).await.unwrap_or(0),
+        0
+    );
+}

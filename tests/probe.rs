@@ -111,7 +111,7 @@ async fn probe_names_each_problem_on_its_backends_row() {
         soon_row.contains("9 days") || soon_row.contains("10 days"),
         "{text}"
     );
-    assert!(text.contains("different SANs"), "{text}");
+    assert!(text.contains(&format!("disagree on {VIP}")), "{text}");
     assert!(row(&text, "good").contains("200"), "readiness: {text}");
     assert!(text.lines().count() <= 25, "more than a screen:\n{text}");
 
@@ -128,6 +128,7 @@ async fn probe_names_each_problem_on_its_backends_row() {
     assert!((9..=10).contains(&days), "{days}");
     assert_eq!(backends[2]["missing_names"], serde_json::json!([]));
     assert_eq!(v["pools"][0]["same_sans"], false);
+    assert_eq!(v["pools"][0]["disagree_on"], serde_json::json!([VIP]));
     assert!(v["problems"].as_array().expect("problems").len() >= 3);
 }
 
@@ -275,11 +276,20 @@ async fn differing_sans_and_a_backend_without_h2_are_flagged() {
         "apilb.toml",
         &config(&tls, &[("a", a.addr()), ("old", b)], ""),
     );
-    let (code, json) = tokio::task::spawn_blocking(move || probe(&path, true))
-        .await
-        .expect("join");
+    let (code, json) = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || probe(&path, true))
+            .await
+            .expect("join")
+    };
     let v: serde_json::Value = serde_json::from_str(&json).expect("json");
     assert_eq!(v["pools"][0]["same_sans"], false, "{json}");
+    // Both cover every name that matters: each node's own extra names are no problem.
+    assert_eq!(
+        v["pools"][0]["disagree_on"],
+        serde_json::json!([]),
+        "{json}"
+    );
     assert_eq!(
         v["pools"][0]["backends"][0]["alpn"],
         serde_json::json!(["h2", "http/1.1"])
@@ -289,7 +299,12 @@ async fn differing_sans_and_a_backend_without_h2_are_flagged() {
         serde_json::json!(["http/1.1"]),
         "{json}"
     );
-    assert_eq!(code, 2);
+    assert_eq!(code, 0, "{json}");
+    let (_, text) = tokio::task::spawn_blocking(move || probe(&path, false))
+        .await
+        .expect("join");
+    assert!(text.contains("differ elsewhere"), "{text}");
+    assert!(row(&text, "old").contains(" http/1.1 "), "{text}");
     task.abort();
 }
 

@@ -608,3 +608,30 @@ async fn a_removed_backend_takes_its_series_with_it() {
     drop(dir);
     gw.shutdown().await;
 }
+
+/// A reload that failed because a file the new config names did not exist yet is retried
+/// when that file appears (the watcher used to watch only the running config's files).
+#[tokio::test]
+async fn a_file_that_appears_after_a_failed_reload_is_picked_up() {
+    let tls = TlsFixture::new();
+    let echo = EchoServer::start().await;
+    let path = tls.file("apilb.toml", &simple_config(&[echo.addr], "", ""));
+    let gw = gateway_file(&path).await;
+    let later = tls.path("later-ca.pem");
+    let text = simple_config(
+        &[echo.addr],
+        &format!("[pool.tls]\nca = \"{}\"", later.display()),
+        "",
+    );
+    // The watcher takes its first look at the files when it starts.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    write_atomic(&path, &text);
+    eventually(10, "the reload failed", || failures(&gw) >= 1.0).await;
+    let ok = gw.metric("apilb_config_reloads_total", &[("result", "success")]);
+    std::fs::write(&later, &tls.pki.ca.cert_pem).expect("write");
+    eventually(10, "reloaded once the file appeared", || {
+        gw.metric("apilb_config_reloads_total", &[("result", "success")]) > ok
+    })
+    .await;
+    gw.shutdown().await;
+}

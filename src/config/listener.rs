@@ -9,6 +9,7 @@ use super::defaults;
 use super::file::{FileListener, FileListenerTls, OneOrMany};
 use super::types::{ListenerConfig, ListenerTlsConfig, Mode};
 use super::validate::{Seen, Validator};
+use crate::tls::sni_for;
 
 impl Validator<'_> {
     /// Validates listener `i` against what earlier sections and listeners took.
@@ -219,7 +220,7 @@ impl Validator<'_> {
         // SPEC §8: the certificate a client of this listener verifies is this listener's own
         // (or the SNI certificate for the name it asks for): it must cover every name.
         for n in names {
-            let (ck, by_sni) = certs.lookup(Some(n));
+            let (ck, by_sni) = certs.lookup(sni_for(n));
             let covered = ck
                 .cert
                 .first()

@@ -19,7 +19,7 @@ mod pool;
 mod types;
 mod validate;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use validate::Validator;
 
@@ -32,6 +32,12 @@ pub use types::*;
 /// # Errors
 /// Every problem found, each with file, line and key; an unreadable file is one error.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_tracking(path).0
+}
+
+/// [`load`], and every file the config names, valid or not: a reload that failed because a
+/// named file is missing or broken must still watch that file.
+pub(crate) fn load_tracking(path: &Path) -> (Result<Config, ConfigErrors>, Vec<PathBuf>) {
     let text = validate::read_regular(path)
         .and_then(|b| {
             String::from_utf8(b)
@@ -45,8 +51,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
                 key: String::new(),
                 message: format!("cannot read config file: {e}"),
             }])
-        })?;
-    parse(path, &text)
+        });
+    match text {
+        Ok(text) => parse_tracking(path, &text),
+        Err(e) => (Err(e), Vec::new()),
+    }
 }
 
 /// Parses and validates configuration text; `path` is only used in messages.
@@ -54,6 +63,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// # Errors
 /// Every problem found, each with file, line and key.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    parse_tracking(path, text).0
+}
+
+fn parse_tracking(path: &Path, text: &str) -> (Result<Config, ConfigErrors>, Vec<PathBuf>) {
     let mut v = Validator::new(path, text);
     let file: file::FileConfig = match toml::from_str(text) {
         Ok(f) => f,
@@ -65,17 +78,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 }
                 None => (None, None),
             };
-            return Err(ConfigErrors(vec![ConfigError {
+            let err = ConfigErrors(vec![ConfigError {
                 file: path.to_path_buf(),
                 line,
                 column,
                 key: String::new(),
                 message: e.message().trim().to_string(),
-            }]));
+            }]);
+            return (Err(err), Vec::new());
         }
     };
     let config = v.config(file);
-    v.finish(config)
+    let files = config.files.clone();
+    (v.finish(config), files)
 }
 
 #[cfg(test)]

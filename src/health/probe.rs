@@ -63,7 +63,15 @@ pub(crate) fn spawn(pool: &Arc<Pool>, stop: &CancellationToken) {
                     .observe(started.elapsed().as_secs_f64());
                 let (pass, reason) = match result {
                     Ok(Ok(())) => (true, "ok".to_string()),
-                    Ok(Err(reason)) => (false, reason),
+                    Ok(Err(Failed::Backend(reason))) => (false, reason),
+                    Ok(Err(Failed::Local(e))) => {
+                        tracing::debug!(pool = %pool.cfg.name, backend = %backend.name, error = %e, "health check not run: the gateway is short of resources; not charged to the backend");
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(jittered(cfg.interval)) => {}
+                        }
+                        continue;
+                    }
                     Err(_) => (
                         false,
                         format!("timeout after {}", humantime::format_duration(cfg.timeout)),
@@ -98,22 +106,41 @@ async fn check(
     cfg: &HealthConfig,
     name: ServerName<'static>,
     leaf: &mut Option<Vec<u8>>,
-) -> Result<(), String> {
-    let tcp = reach(backend.addr).await?;
+) -> Result<(), Failed> {
+    let tcp = match TcpStream::connect(backend.addr).await {
+        Ok(t) => t,
+        // The gateway's own shortage says nothing about the backend (as for proxied
+        // connects, connect.rs): no result at all, rather than a failure.
+        Err(e) if crate::connect::is_local(&e) => return Err(Failed::Local(e.to_string())),
+        Err(e) => return Err(Failed::Backend(io_reason(&e))),
+    };
+    let _ = tcp.set_nodelay(true);
     let tls_config = match (cfg.check, &cfg.tls) {
         (CheckKind::Tcp, _) => return Ok(()),
         (_, Some(c)) => c.clone(),
         // Validation requires [pool.tls] for these checks.
-        (_, None) => return Err("no [pool.tls] for a TLS check".into()),
+        (_, None) => return Err(Failed::Backend("no [pool.tls] for a TLS check".into())),
     };
-    let tls = handshake(tcp, tls_config, &name).await?;
+    let tls = handshake(tcp, tls_config, &name)
+        .await
+        .map_err(Failed::Backend)?;
     *leaf = leaf_of(&tls);
     if cfg.check == CheckKind::Tls {
         close_cleanly(tls);
         return Ok(());
     }
-    let status = get_status(tls, &host_header(&name, backend.addr), &cfg.path).await?;
-    judge_status(status, cfg)
+    let status = get_status(tls, &host_header(&name, backend.addr), &cfg.path)
+        .await
+        .map_err(Failed::Backend)?;
+    judge_status(status, cfg).map_err(Failed::Backend)
+}
+
+/// Why a check did not pass.
+enum Failed {
+    /// The backend failed it: counted, and its state follows.
+    Backend(String),
+    /// The gateway could not even try (out of descriptors, buffers or ports): no result.
+    Local(String),
 }
 
 // === The steps, shared with `apilb probe` (one way to reach and judge a backend) ===
@@ -188,13 +215,21 @@ pub(crate) async fn get_status(
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("HTTP request: {e}"))?;
     let mut conn = std::pin::pin!(conn);
+    let send = sender.send_request(req);
+    tokio::pin!(send);
+    // A server that answers and closes at once (Connection: close) can end the connection
+    // future in the same poll that delivered the response: then the response still counts.
+    let mut conn_done = false;
     let resp = tokio::select! {
-        r = sender.send_request(req) => r.map_err(|e| format!("HTTP: {e}"))?,
+        biased;
+        r = &mut send => r.map_err(|e| format!("HTTP: {e}"))?,
         c = &mut conn => {
-            return Err(match c {
-                Ok(_) => "HTTP: connection closed before the response".to_string(),
-                Err(e) => format!("HTTP: {e}"),
-            })
+            conn_done = true;
+            match (c, (&mut send).await) {
+                (_, Ok(resp)) => resp,
+                (Ok(_), Err(_)) => return Err("HTTP: connection closed before the response".into()),
+                (Err(e), Err(_)) => return Err(format!("HTTP: {e}")),
+            }
         }
     };
     let status = resp.status().as_u16();
@@ -209,13 +244,21 @@ pub(crate) async fn get_status(
         }
         body.is_end_stream()
     };
-    let whole = tokio::select! {
-        whole = read_some => whole,
-        _ = &mut conn => false,
+    let whole = if conn_done {
+        // Nothing more arrives; what was read with the head is all there is.
+        read_some.await
+    } else {
+        tokio::select! {
+            whole = read_some => whole,
+            _ = &mut conn => {
+                conn_done = true;
+                false
+            }
+        }
     };
     drop(body);
     drop(sender);
-    if whole {
+    if whole && !conn_done {
         // The response is complete, so the connection hands its socket back at once.
         if let Ok(Ok(parts)) = tokio::time::timeout(Duration::from_millis(100), conn).await {
             close_cleanly(parts.io.into_inner());

@@ -47,6 +47,9 @@ pub struct Reloader {
     pub(crate) lifecycle: Lifecycle,
     /// The config file, read without the lock.
     pub(crate) source: PathBuf,
+    /// Files the last failed load named: watched too, so a reload that failed on a missing
+    /// certificate happens once the certificate appears.
+    pub(crate) tried: Arc<std::sync::Mutex<Vec<PathBuf>>>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -67,10 +70,16 @@ impl Reloader {
         }
         self.lifecycle.enter(Phase::Reloading);
         let path = self.source.clone();
-        let loaded = tokio::task::spawn_blocking(move || crate::config::load(&path)).await;
+        let loaded = tokio::task::spawn_blocking(move || crate::config::load_tracking(&path)).await;
         let result = match loaded {
-            Ok(Ok(cfg)) => self.apply(cfg).await,
-            Ok(Err(e)) => Err(ReloadError::from(e)),
+            Ok((Ok(cfg), _)) => {
+                self.set_tried(Vec::new());
+                self.apply(cfg).await
+            }
+            Ok((Err(e), files)) => {
+                self.set_tried(files);
+                Err(ReloadError::from(e))
+            }
             Err(e) => Err(ReloadError::Load(e.to_string())),
         };
         self.report(&result).await;
@@ -124,11 +133,30 @@ impl Reloader {
         }));
     }
 
-    /// The config file and every file it names, as of the running config.
+    fn set_tried(&self, files: Vec<PathBuf>) {
+        *self
+            .tried
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = files;
+    }
+
+    /// The config file and every file it names, as of the running config, and the files a
+    /// failed load named.
     pub(crate) async fn watched_files(&self) -> Vec<PathBuf> {
         let running = self.running.lock().await;
         let mut v = vec![running.config.source.clone()];
         v.extend(running.config.files.iter().cloned());
+        drop(running);
+        let tried = self
+            .tried
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for f in tried {
+            if !v.contains(&f) {
+                v.push(f);
+            }
+        }
         v
     }
 }
