@@ -76,6 +76,23 @@ pub struct BackendReport {
     pub readiness: Option<Readiness>,
 }
 
+impl BackendReport {
+    /// A backend nothing is known of yet.
+    fn new(name: &str, address: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            address: address.to_string(),
+            unreachable: None,
+            tls_version: None,
+            alpn: Vec::new(),
+            chain_error: None,
+            certificate: None,
+            missing_names: Vec::new(),
+            readiness: None,
+        }
+    }
+}
+
 /// A certificate's facts.
 #[derive(Debug, Serialize)]
 pub struct CertReport {
@@ -154,16 +171,10 @@ pub async fn run(cfg: &Config, timeout: Duration) -> Report {
             .backends
             .iter()
             .map(|b| {
-                results.next().flatten().unwrap_or_else(|| BackendReport {
-                    name: b.name.clone(),
-                    address: b.address.clone(),
-                    unreachable: Some("the probe failed".into()),
-                    tls_version: None,
-                    alpn: Vec::new(),
-                    chain_error: None,
-                    certificate: None,
-                    missing_names: Vec::new(),
-                    readiness: None,
+                results.next().flatten().unwrap_or_else(|| {
+                    let mut r = BackendReport::new(&b.name, &b.address);
+                    r.unreachable = Some("the probe failed".into());
+                    r
                 })
             })
             .collect();
@@ -312,17 +323,7 @@ async fn backend(
     timeout: Duration,
 ) -> BackendReport {
     let b = &pool.backends[i];
-    let mut r = BackendReport {
-        name: b.name.clone(),
-        address: b.address.clone(),
-        unreachable: None,
-        tls_version: None,
-        alpn: Vec::new(),
-        chain_error: None,
-        certificate: None,
-        missing_names: Vec::new(),
-        readiness: None,
-    };
+    let mut r = BackendReport::new(&b.name, &b.address);
     let tcp = match tokio::time::timeout(timeout, reach(b.addr)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {

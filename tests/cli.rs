@@ -302,6 +302,23 @@ async fn out_of_file_descriptors_backs_off_without_spinning_and_recovers() {
     );
 }
 
+/// The admin server's address, from the gateway's JSON log.
+async fn admin_addr(logs: &mpsc::Receiver<String>) -> SocketAddr {
+    within(10, "admin address", async {
+        loop {
+            if let Ok(line) = logs.try_recv() {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v["message"] == "admin server listening" {
+                    break v["addr"].as_str().expect("addr").parse().expect("addr");
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    })
+    .await
+}
+
 /// Descriptors below `limit` that the process `pid` has open (it may also hold inherited
 /// ones above its limit, which take no slot).
 fn open_fds(pid: u32, limit: usize) -> usize {
@@ -333,19 +350,7 @@ async fn out_of_descriptors_for_a_backend_socket_is_not_the_backends_fault() {
         &["prlimit", &format!("--nofile={LIMIT}:{LIMIT}"), "--"],
     );
     let pid = child.id();
-    let admin: SocketAddr = within(10, "admin address", async {
-        loop {
-            if let Ok(line) = logs.try_recv() {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                if v["message"] == "admin server listening" {
-                    break v["addr"].as_str().expect("addr").parse().expect("addr");
-                }
-            } else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    })
-    .await;
+    let admin = admin_addr(&logs).await;
     // The first health check runs at once; let its socket close before counting.
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Each proxied connection takes two descriptors. With an odd number free, the last
@@ -895,19 +900,7 @@ async fn health_checks_do_not_charge_the_gateways_own_emfile_to_backends() {
     );
     let pid = child.id();
     let mut child = KillOnDrop(child);
-    let admin: SocketAddr = within(10, "admin address", async {
-        loop {
-            if let Ok(line) = logs.try_recv() {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                if v["message"] == "admin server listening" {
-                    break v["addr"].as_str().expect("addr").parse().expect("addr");
-                }
-            } else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    })
-    .await;
+    let admin = admin_addr(&logs).await;
     let mut held = Vec::new();
     for _ in 0..LIMIT {
         let mut s = TcpStream::connect(addr).await.expect("connect");

@@ -7,9 +7,8 @@ mod common;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
-use apilb::demo::apiserver::{ApiServer, ApiServerOptions};
+use apilb::demo::apiserver::ApiServer;
 use apilb::demo::pki::CertKey;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -366,26 +365,7 @@ async fn https_checks_report_coverage_without_judging_health() {
     // The backend gets a certificate with the name (same address).
     drop(srv);
     let good = tls.pki.ca.server("good", GOOD_SANS, 365).expect("cert");
-    let moved = within(10, "restart on the same port", async {
-        loop {
-            let r = ApiServer::start(ApiServerOptions {
-                name: "b0".into(),
-                listen: addr,
-                cert_pem: good.cert_pem.clone(),
-                key_pem: good.key_pem.clone(),
-                client_ca_pem: tls.pki.ca.cert_pem.clone(),
-                tokens: Vec::new(),
-                watch_interval: Duration::from_secs(1),
-                anonymous: true,
-            })
-            .await;
-            match r {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    })
-    .await;
+    let moved = restart_apiserver("b0", addr, &good, &tls.pki.ca.cert_pem).await;
     eventually(10, "covered now", || {
         gw.metrics()
             .get("apilb_backend_certificate_covers_names", &labels)

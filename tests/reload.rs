@@ -437,29 +437,7 @@ async fn ca_rotation_keeps_the_backend_healthy() {
     // Step 2: the apiserver moves to a certificate from the new CA (same address).
     drop(srv);
     let new_cert = new_ca.server("k", &["kubernetes"], 30).expect("c");
-    // The old server's socket closes asynchronously; retry until the port is free.
-    let moved = within(10, "restart on the same port", async {
-        loop {
-            let r = apilb::demo::apiserver::ApiServer::start(
-                apilb::demo::apiserver::ApiServerOptions {
-                    name: "a".into(),
-                    listen: backend,
-                    cert_pem: new_cert.cert_pem.clone(),
-                    key_pem: new_cert.key_pem.clone(),
-                    client_ca_pem: e.pki.ca.cert_pem.clone(),
-                    tokens: Vec::new(),
-                    watch_interval: Duration::from_secs(1),
-                    anonymous: true,
-                },
-            )
-            .await;
-            match r {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    })
-    .await;
+    let moved = restart_apiserver("a", backend, &new_cert, &e.pki.ca.cert_pem).await;
     let min = within(20, "watch", watch_healthy).await.expect("join");
     assert_eq!(min, 1.0, "the backend left rotation during the CA rotation");
     assert_eq!(

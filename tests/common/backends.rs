@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::TOKEN;
+use super::{within, TOKEN};
 
 // === Simulated apiservers ===
 
@@ -75,6 +75,36 @@ pub async fn apiserver_with(
     })
     .await
     .expect("start apiserver")
+}
+
+/// A simulated apiserver started again at `listen` (a restart with a new certificate, say):
+/// the old server's socket closes asynchronously, so this retries until the port is free.
+pub async fn restart_apiserver(
+    name: &str,
+    listen: SocketAddr,
+    serving: &CertKey,
+    client_ca_pem: &str,
+) -> ApiServer {
+    within(10, "restart on the same port", async {
+        loop {
+            let r = ApiServer::start(ApiServerOptions {
+                name: name.into(),
+                listen,
+                cert_pem: serving.cert_pem.clone(),
+                key_pem: serving.key_pem.clone(),
+                client_ca_pem: client_ca_pem.into(),
+                tokens: Vec::new(),
+                watch_interval: Duration::from_secs(1),
+                anonymous: true,
+            })
+            .await;
+            match r {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await
 }
 
 // === Payloads ===
