@@ -57,18 +57,6 @@ pub(crate) enum ConnectError {
     Local(String),
 }
 
-impl ConnectError {
-    /// The `cause` label of `apilb_listener_connect_errors_total`, for the failures that are
-    /// not a backend's.
-    pub(crate) fn cause(&self) -> Option<&'static str> {
-        match self {
-            Self::Client(_) => Some(crate::metrics::CAUSE_CLIENT),
-            Self::Local(_) => Some(crate::metrics::CAUSE_LOCAL),
-            Self::Draining | Self::NoBackend | Self::Backends { .. } => None,
-        }
-    }
-}
-
 /// Whether a socket error is the gateway's own shortage rather than anything the backend did.
 pub(crate) fn is_local(e: &io::Error) -> bool {
     matches!(

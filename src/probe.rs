@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Mode, PoolConfig};
 use crate::health::probe::{get_status, handshake, host_header, judge_status, leaf_of, reach};
-use crate::tls::{sni_for, Sans};
+use crate::tls::Sans;
 
 /// A certificate expiring sooner than this is a problem worth a line.
 const SOON: i64 = 30 * 86_400;
@@ -150,7 +150,7 @@ impl Report {
 pub async fn run(cfg: &Config, timeout: Duration) -> Report {
     let mut tasks = Vec::new();
     for pool in &cfg.pools {
-        let names = names_for(cfg, &pool.name);
+        let names = cfg.passthrough_names(&pool.name);
         for (i, _) in pool.backends.iter().enumerate() {
             let (pool, names) = (pool.clone(), names.clone());
             tasks.push(tokio::spawn(async move {
@@ -166,7 +166,7 @@ pub async fn run(cfg: &Config, timeout: Duration) -> Report {
     let mut problems = Vec::new();
     let mut pools = Vec::new();
     for pool in &cfg.pools {
-        let names = names_for(cfg, &pool.name);
+        let names = cfg.passthrough_names(&pool.name);
         let backends: Vec<BackendReport> = pool
             .backends
             .iter()
@@ -267,12 +267,7 @@ pub async fn run(cfg: &Config, timeout: Duration) -> Report {
             let missing: Vec<String> = l
                 .names
                 .iter()
-                .filter(|n| {
-                    let (ck, _) = tls.certs.lookup(sni_for(n));
-                    !ck.cert
-                        .first()
-                        .is_some_and(|c| crate::tls::covers(c.as_ref(), n))
-                })
+                .filter(|n| !tls.certs.covers(n).0)
                 .cloned()
                 .collect();
             Some(ListenerReport {
@@ -296,23 +291,6 @@ pub async fn run(cfg: &Config, timeout: Duration) -> Report {
         listeners,
         problems,
     }
-}
-
-/// The names of the passthrough listeners that route to `pool`.
-fn names_for(cfg: &Config, pool: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for l in cfg
-        .listeners
-        .iter()
-        .filter(|l| l.mode == Mode::Passthrough && l.pool == pool)
-    {
-        for n in &l.names {
-            if !out.contains(n) {
-                out.push(n.clone());
-            }
-        }
-    }
-    out
 }
 
 /// One backend, every step within `timeout`.

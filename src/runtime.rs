@@ -209,18 +209,7 @@ impl Running {
             .iter()
             .map(|pc| {
                 let previous = self.pools.iter().find(|p| p.cfg.name == pc.name);
-                let mut names: Vec<String> = Vec::new();
-                for l in cfg
-                    .listeners
-                    .iter()
-                    .filter(|l| l.mode == Mode::Passthrough && l.pool == pc.name)
-                {
-                    for n in &l.names {
-                        if !names.contains(n) {
-                            names.push(n.clone());
-                        }
-                    }
-                }
+                let names = cfg.passthrough_names(&pc.name);
                 Arc::new(
                     Pool::new(
                         pc.clone(),

@@ -53,32 +53,33 @@ impl ListenerSnapshot {
         started: Instant,
         error: &ConnectError,
     ) {
-        match error.cause() {
-            Some(crate::metrics::CAUSE_CLIENT) => self.metrics.connect_client.inc(),
-            Some(_) => self.metrics.connect_local.inc(),
-            None => self.metrics.rejected_no_backend.inc(),
+        match error {
+            ConnectError::Client(_) => self.metrics.connect_client.inc(),
+            ConnectError::Local(_) => self.metrics.connect_local.inc(),
+            ConnectError::Draining | ConnectError::NoBackend | ConnectError::Backends { .. } => {
+                self.metrics.rejected_no_backend.inc();
+            }
         }
-        tracing::info!(
-            target: "apilb::access",
-            listener = %self.cfg.name,
-            client = %client,
-            backend = "-",
-            duration_ms = duration_ms(started),
-            bytes_up = 0u64,
-            bytes_down = 0u64,
-            end = %End::ConnectFailed,
-            error = %error,
-            "connection closed"
-        );
+        self.log_unproxied(client, started, End::ConnectFailed, Some(error));
     }
 
     /// The access-log line of a passthrough client that sent nothing within
-    /// `first_byte_timeout`, and its counter.
+    /// `first_byte_timeout`, and its counter; an empty connection, so `log_empty` applies.
     pub(crate) fn log_silent(&self, client: SocketAddr, started: Instant) {
         self.metrics.closed_silent.inc();
-        if !self.cfg.log_empty {
-            return;
+        if self.cfg.log_empty {
+            self.log_unproxied(client, started, End::ClientSilent, None);
         }
+    }
+
+    /// One access line for a connection that reached no backend.
+    fn log_unproxied(
+        &self,
+        client: SocketAddr,
+        started: Instant,
+        end: End,
+        error: Option<&ConnectError>,
+    ) {
         tracing::info!(
             target: "apilb::access",
             listener = %self.cfg.name,
@@ -87,7 +88,8 @@ impl ListenerSnapshot {
             duration_ms = duration_ms(started),
             bytes_up = 0u64,
             bytes_down = 0u64,
-            end = %End::ClientSilent,
+            end = %end,
+            error = error.map(tracing::field::display),
             "connection closed"
         );
     }

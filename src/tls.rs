@@ -288,6 +288,16 @@ impl SniResolver {
     }
 }
 
+impl SniResolver {
+    /// Whether a client using `name` gets a certificate that covers it, and whether that
+    /// certificate was chosen by SNI: IP clients send no SNI, so they get the default.
+    pub fn covers(&self, name: &str) -> (bool, bool) {
+        let (ck, by_sni) = self.lookup(sni_for(name));
+        let covered = ck.cert.first().is_some_and(|c| covers(c.as_ref(), name));
+        (covered, by_sni)
+    }
+}
+
 impl rustls::server::ResolvesServerCert for SniResolver {
     fn resolve(
         &self,

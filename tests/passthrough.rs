@@ -538,12 +538,7 @@ async fn silent_clients_never_reach_a_backend_and_are_closed_in_time() {
     ))
     .await;
     // The first health check connects too; count from after it.
-    eventually(5, "first check", || {
-        gw.handle()
-            .backend_status("p", "b0")
-            .is_some_and(|s| s.last_check.is_some())
-    })
-    .await;
+    gw.first_check("p", "b0").await;
     let base = count();
     let accepted = || count() - base;
     let started = std::time::Instant::now();
@@ -581,12 +576,7 @@ async fn silent_clients_never_reach_a_backend_and_are_closed_in_time() {
         "first_byte_timeout = \"0s\"",
     ))
     .await;
-    eventually(5, "first check", || {
-        gw.handle()
-            .backend_status("p", "b0")
-            .is_some_and(|s| s.last_check.is_some())
-    })
-    .await;
+    gw.first_check("p", "b0").await;
     let base = count();
     let quiet = within(5, "connect", TcpStream::connect(gw.addr()))
         .await

@@ -606,10 +606,17 @@ async fn handshakes_in_progress_are_capped_apart_from_max_connections() {
         .await
         .expect("connect");
     let mut b = [0u8; 1];
+    let asked = Instant::now();
     let n = within(2, "closed at once", third.read(&mut b))
         .await
         .unwrap_or(0);
     assert_eq!(n, 0);
+    // Well before handshake_timeout (1s), which would close it without any cap.
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(
         gw.metric(
             "apilb_tls_handshake_errors_total",

@@ -9,7 +9,6 @@ use super::defaults;
 use super::file::{FileListener, FileListenerTls, OneOrMany};
 use super::types::{ListenerConfig, ListenerTlsConfig, Mode};
 use super::validate::{Seen, Validator};
-use crate::tls::sni_for;
 
 impl Validator<'_> {
     /// Validates listener `i` against what earlier sections and listeners took.
@@ -220,11 +219,7 @@ impl Validator<'_> {
         // SPEC §8: the certificate a client of this listener verifies is this listener's own
         // (or the SNI certificate for the name it asks for): it must cover every name.
         for n in names {
-            let (ck, by_sni) = certs.lookup(sni_for(n));
-            let covered = ck
-                .cert
-                .first()
-                .is_some_and(|c| crate::tls::covers(c.as_ref(), n));
+            let (covered, by_sni) = certs.covers(n);
             if !covered {
                 let file = match by_sni {
                     true => "its SNI certificate".to_string(),

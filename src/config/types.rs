@@ -126,6 +126,24 @@ pub struct CertificateInfo {
 }
 
 impl Config {
+    /// The names clients use to reach `pool` through passthrough listeners, each once: every
+    /// backend certificate of the pool must cover them (SPEC §8).
+    pub fn passthrough_names(&self, pool: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for l in self
+            .listeners
+            .iter()
+            .filter(|l| l.mode == Mode::Passthrough && l.pool == pool)
+        {
+            for n in &l.names {
+                if !out.contains(n) {
+                    out.push(n.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// The pool a listener refers to; validation guarantees it exists.
     pub fn pool(&self, name: &str) -> Option<&Arc<PoolConfig>> {
         self.pools.iter().find(|p| p.name == name)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
-use super::within;
+use super::{eventually, within};
 
 /// A `[[pool.backend]]` block per address, named `b0..`.
 pub fn backends_toml(addrs: &[SocketAddr]) -> String {
@@ -51,6 +51,16 @@ impl Gw {
     /// The one sample of `name` with exactly `labels`; panics when there is none.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.metrics().value(name, labels)
+    }
+
+    /// Waits until backend `backend` of pool `pool` has had its first health check.
+    pub async fn first_check(&self, pool: &str, backend: &str) {
+        eventually(5, "first check", || {
+            self.handle()
+                .backend_status(pool, backend)
+                .is_some_and(|s| s.last_check.is_some())
+        })
+        .await;
     }
 
     /// Fires the shutdown future without waiting for the drain.
