@@ -37,6 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import end_all, log_tail, on_signal  # noqa: E402
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,42 +147,7 @@ def stop(p):
 
 
 def stop_all():
-    """Ends every process this script started that still runs: SIGTERM, then SIGKILL for any
-    still running 10 s later. Bounded, so signals are ignored meanwhile (a second Ctrl-C
-    cannot cut it short and leave processes behind)."""
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        for p in started:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.time() + 10
-        for p in started:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
-    finally:
-        for s, h in old.items():
-            if h is not None:
-                signal.signal(s, h)
-
-
-def on_signal(signum, _frame):
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks, which end what was started
-
-
-def log_tail(p, chars=2000):
-    try:
-        with open(p.log, "rb") as f:
-            f.seek(max(0, os.path.getsize(p.log) - chars))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
+    end_all(started)
 
 
 def wait_ports(p, ports, timeout=20):
@@ -189,14 +157,14 @@ def wait_ports(p, ports, timeout=20):
         while True:
             if p.poll() is not None:
                 raise RuntimeError(f"{p.name} exited with status {p.returncode} before listening on "
-                                   f"127.0.0.1:{port}; its log:\n{log_tail(p)}")
+                                   f"127.0.0.1:{port}; its log:\n{log_tail(p.log)}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
             except OSError:
                 if time.time() > end:
                     raise RuntimeError(f"{p.name}: nothing listens on 127.0.0.1:{port} after {timeout} s; "
-                                       f"its log:\n{log_tail(p)}") from None
+                                       f"its log:\n{log_tail(p.log)}") from None
                 time.sleep(0.05)
 
 

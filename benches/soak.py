@@ -84,6 +84,9 @@ import time
 import traceback
 from collections import Counter, defaultdict
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import end_all, log_tail, on_signal  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"  # the only address this script ever connects to or listens on
 
@@ -169,90 +172,8 @@ def spawn(cmd, name, tmp):
 
 
 def stop_all():
-    """Ends every process started here that still runs, by PID: SIGCONT (a stopped one would
-    not act on SIGTERM) and SIGTERM, then SIGKILL for any still running 10 s later. Signals
-    are ignored meanwhile, so a second Ctrl-C cannot cut it short."""
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        for p in STARTED:
-            if p.poll() is None:
-                for s in (signal.SIGCONT, signal.SIGTERM):
-                    try:
-                        p.send_signal(s)
-                    except OSError:
-                        pass
-        deadline = time.monotonic() + 10
-        for p in STARTED:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
-    finally:
-        for s, h in old.items():
-            if h is not None:
-                signal.signal(s, h)
+    end_all(STARTED, cont=True)
 
-
-def on_signal(signum, _frame):
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks, which end what was started
-
-
-def log_tail(path, chars=1500):
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - chars))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-# === Ports ===
-
-class Ports:
-    """Free loopback ports, one per name, allocated up front: the kernel picks each (bind
-    127.0.0.1:0) and each stays bound, never listening, until `take` releases it just before
-    the process that listens on it starts. While held, the port cannot become the source
-    port of one of this run's own outgoing connections (same ephemeral range), whose
-    TIME_WAIT would make the later listen fail. `hold` does the same for a killed backend's
-    port until its restart (which also rules out a health check connecting to itself)."""
-
-    def __init__(self, names):
-        self._held = {}
-        self.map = {n: self._reserve() for n in names}
-
-    def _reserve(self, port=0):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((HOST, port))
-        port = s.getsockname()[1]
-        self._held[port] = s
-        return port
-
-    def take(self, name):
-        port = self.map[name]
-        s = self._held.pop(port, None)
-        if s:
-            s.close()
-        return port
-
-    def hold(self, name):
-        try:
-            self._reserve(self.map[name])
-        except OSError:
-            pass  # best effort
-
-    def close(self):
-        for s in self._held.values():
-            s.close()
-        self._held.clear()
-
-
-# === PKI ===
 
 def openssl(*a):
     subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=60)
