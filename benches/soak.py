@@ -175,6 +175,49 @@ def stop_all():
     end_all(STARTED, cont=True)
 
 
+# === Ports ===
+
+class Ports:
+    """Free loopback ports, one per name, allocated up front: the kernel picks each (bind
+    127.0.0.1:0) and each stays bound, never listening, until `take` releases it just before
+    the process that listens on it starts. While held, the port cannot become the source
+    port of one of this run's own outgoing connections (same ephemeral range), whose
+    TIME_WAIT would make the later listen fail. `hold` does the same for a killed backend's
+    port until its restart (which also rules out a health check connecting to itself)."""
+
+    def __init__(self, names):
+        self._held = {}
+        self.map = {n: self._reserve() for n in names}
+
+    def _reserve(self, port=0):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((HOST, port))
+        port = s.getsockname()[1]
+        self._held[port] = s
+        return port
+
+    def take(self, name):
+        port = self.map[name]
+        s = self._held.pop(port, None)
+        if s:
+            s.close()
+        return port
+
+    def hold(self, name):
+        try:
+            self._reserve(self.map[name])
+        except OSError:
+            pass  # best effort
+
+    def close(self):
+        for s in self._held.values():
+            s.close()
+        self._held.clear()
+
+
+# === PKI ===
+
 def openssl(*a):
     subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=60)
 
