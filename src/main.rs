@@ -101,6 +101,20 @@ enum Command {
         #[arg(long)]
         threads: Option<NonZeroUsize>,
     },
+    /// Simulated apiservers alone, one per --listen address, with the PKI in --dir (reused
+    /// when there, else written): for tests that run apiservers and gateways apart.
+    #[command(hide = true)]
+    DemoApiserver {
+        /// An address to serve on (repeat for more servers).
+        #[arg(long, required = true)]
+        listen: Vec<std::net::SocketAddr>,
+        /// The PKI folder (ca.crt, apiserver.crt, apiserver.key, client certificates).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Time between the events of a watch stream.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        watch_interval: std::time::Duration,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -220,6 +234,22 @@ fn main() -> ExitCode {
                     terminate,
                     admin,
                     dir,
+                },
+                apilb::signals::shutdown(),
+            )
+            .await
+            .map_err(|e| e.to_string())
+        }),
+        Command::DemoApiserver {
+            listen,
+            dir,
+            watch_interval,
+        } => with_runtime(None, async move {
+            apilb::demo::standalone::run(
+                apilb::demo::standalone::StandaloneOptions {
+                    listen,
+                    dir,
+                    watch_interval,
                 },
                 apilb::signals::shutdown(),
             )

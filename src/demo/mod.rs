@@ -8,6 +8,7 @@
 
 pub mod apiserver;
 pub mod pki;
+pub mod standalone;
 
 use std::fmt::Write as _;
 use std::future::Future;
