@@ -17,7 +17,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -27,7 +26,11 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::api::{self, store::Store};
 use crate::tls;
+
+/// The response header that names the simulated apiserver which answered.
+pub const SERVED_BY: &str = "x-apilb-apiserver";
 
 /// A Kubernetes identity: what the apiserver's authenticators produce.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -120,6 +123,7 @@ struct Shared {
     tokens: Vec<(String, Identity)>,
     watch_interval: Duration,
     anonymous: bool,
+    api: Option<Arc<Store>>,
 }
 
 /// A running simulated apiserver; stops when dropped.
@@ -144,7 +148,7 @@ impl Drop for ApiServer {
     }
 }
 
-type RespBody = BoxBody<Bytes, Infallible>;
+type RespBody = api::RespBody;
 
 /// Time a client has to send a complete request head (HTTP/1.1).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -155,6 +159,25 @@ impl ApiServer {
     /// # Errors
     /// Unusable TLS material or a bind failure.
     pub async fn start(opts: ApiServerOptions) -> Result<Self, ApiServerError> {
+        Self::start_inner(opts, None).await
+    }
+
+    /// Binds and starts serving the simulated Kubernetes API of `store` (shared with the
+    /// other apiservers given the same store) besides the endpoints of [`ApiServer::start`].
+    ///
+    /// # Errors
+    /// Unusable TLS material or a bind failure.
+    pub async fn start_with_api(
+        opts: ApiServerOptions,
+        store: Arc<Store>,
+    ) -> Result<Self, ApiServerError> {
+        Self::start_inner(opts, Some(store)).await
+    }
+
+    async fn start_inner(
+        opts: ApiServerOptions,
+        api: Option<Arc<Store>>,
+    ) -> Result<Self, ApiServerError> {
         let tls_err = |source| ApiServerError::Tls {
             name: opts.name.clone(),
             source,
@@ -209,6 +232,7 @@ impl ApiServer {
             tokens: opts.tokens,
             watch_interval: opts.watch_interval,
             anonymous: opts.anonymous,
+            api,
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(
@@ -333,10 +357,26 @@ async fn serve_conn(
         first.store(true, Ordering::Relaxed);
         async move {
             let mut req = req;
-            if req.uri().path() == "/upgrade-echo" {
-                return Ok::<_, Infallible>(upgrade_echo(&mut req));
+            let cert = cert_identity.as_ref().as_ref();
+            let mut resp = if req.uri().path() == "/upgrade-echo" {
+                upgrade_echo(&mut req)
+            } else if let Some(store) = shared
+                .api
+                .as_ref()
+                .filter(|_| api::serves(req.uri().path()))
+            {
+                shared.requests.fetch_add(1, Ordering::Relaxed);
+                match authenticate(&req, &shared, cert) {
+                    Some((_, by)) => api::handle(store, req, by == "anonymous").await,
+                    None => unauthorized(),
+                }
+            } else {
+                route(&req, &shared, cert)
+            };
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&shared.name) {
+                resp.headers_mut().insert(SERVED_BY, v);
             }
-            Ok::<_, Infallible>(route(&req, &shared, cert_identity.as_ref().as_ref()))
+            Ok::<_, Infallible>(resp)
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -501,25 +541,40 @@ fn status_error(code: StatusCode, reason: &str, message: &str) -> Response<RespB
     )
 }
 
-fn route(req: &Request<Incoming>, shared: &Shared, cert: Option<&Identity>) -> Response<RespBody> {
-    shared.requests.fetch_add(1, Ordering::Relaxed);
-    // Bearer tokens win over certificates, as in kube-apiserver's union authenticator; a
-    // token that is not on the list is a 401, not a fall-back to anonymous.
-    let (identity, by) = match req
+/// Who the caller is and how that was decided (`token`, `x509`, `anonymous`); `None` is a 401.
+/// Bearer tokens win over certificates, as in kube-apiserver's union authenticator; a
+/// token that is not on the list is a 401, not a fall-back to anonymous.
+fn authenticate(
+    req: &Request<Incoming>,
+    shared: &Shared,
+    cert: Option<&Identity>,
+) -> Option<(Identity, &'static str)> {
+    match req
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     {
         Some(token) => match shared.tokens.iter().find(|(t, _)| t == token.trim()) {
-            Some((_, id)) => (id.clone(), "token"),
-            None => return status_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized"),
+            Some((_, id)) => Some((id.clone(), "token")),
+            None => None,
         },
         None => match cert {
-            Some(id) => (id.clone(), "x509"),
-            None if shared.anonymous => (Identity::anonymous(), "anonymous"),
-            None => return status_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized"),
+            Some(id) => Some((id.clone(), "x509")),
+            None if shared.anonymous => Some((Identity::anonymous(), "anonymous")),
+            None => None,
         },
+    }
+}
+
+fn unauthorized() -> Response<RespBody> {
+    status_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
+}
+
+fn route(req: &Request<Incoming>, shared: &Shared, cert: Option<&Identity>) -> Response<RespBody> {
+    shared.requests.fetch_add(1, Ordering::Relaxed);
+    let Some((identity, by)) = authenticate(req, shared, cert) else {
+        return unauthorized();
     };
     let query = req.uri().query().unwrap_or("");
     match req.uri().path() {

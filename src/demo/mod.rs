@@ -6,6 +6,7 @@
 //! `apilb run` and starts the gateway in front of them. What to try is printed to stdout with
 //! literal paths and ports; logs go to stderr.
 
+pub mod api;
 pub mod apiserver;
 pub mod pki;
 pub mod standalone;
@@ -108,25 +109,31 @@ pub async fn run(
     let pki = Pki::generate()?;
     let files = pki.write_to(&dir).map_err(files_err)?;
 
+    // One store behind the three apiservers, as etcd is behind real ones.
+    let store = api::store::Store::new(api::store::StoreLimits::default());
+    api::seed_demo(&store);
     let mut servers = Vec::new();
     for i in 0..3 {
         servers.push(
-            ApiServer::start(ApiServerOptions {
-                name: format!("apiserver-{i}"),
-                listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-                cert_pem: pki.apiserver.cert_pem.clone(),
-                key_pem: pki.apiserver.key_pem.clone(),
-                client_ca_pem: pki.ca.cert_pem.clone(),
-                tokens: vec![(
-                    DEMO_TOKEN.to_string(),
-                    Identity {
-                        user: "demo-user".into(),
-                        groups: vec!["system:authenticated".into()],
-                    },
-                )],
-                watch_interval: Duration::from_secs(1),
-                anonymous: true,
-            })
+            ApiServer::start_with_api(
+                ApiServerOptions {
+                    name: format!("apiserver-{i}"),
+                    listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                    cert_pem: pki.apiserver.cert_pem.clone(),
+                    key_pem: pki.apiserver.key_pem.clone(),
+                    client_ca_pem: pki.ca.cert_pem.clone(),
+                    tokens: vec![(
+                        DEMO_TOKEN.to_string(),
+                        Identity {
+                            user: "demo-user".into(),
+                            groups: vec!["system:authenticated".into()],
+                        },
+                    )],
+                    watch_interval: Duration::from_secs(1),
+                    anonymous: true,
+                },
+                store.clone(),
+            )
             .await?,
         );
     }
@@ -309,9 +316,17 @@ fn instructions(servers: &[ApiServer], w: &Shown<'_>) -> String {
     );
     let _ = writeln!(
         s,
-        "  curl -N --cacert {ca} --cert {} --key {} '{url}/api/v1/namespaces/default/pods?watch=1'",
+        "  curl -N --cacert {ca} --cert {} --key {} '{url}/api/v1/namespaces/default/pods?watch=1&resourceVersion=0'",
         f.admin_cert.display(),
         f.admin_key.display()
+    );
+    let kc = w.kubeconfig.display();
+    let _ = writeln!(s, "\nThe simulated Kubernetes API (one store behind all three apiservers; no OpenAPI, so apply with --validate=false):");
+    let _ = writeln!(s, "  kubectl --kubeconfig {kc} get pods -A");
+    let _ = writeln!(s, "  kubectl --kubeconfig {kc} get nodes -w");
+    let _ = writeln!(
+        s,
+        "  kubectl --kubeconfig {kc} apply --validate=false -f pod.yaml"
     );
     let _ = writeln!(
         s,

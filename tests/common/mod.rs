@@ -9,6 +9,7 @@
 #![allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 
 pub mod backends;
+pub mod cluster;
 pub mod gateway;
 pub mod http;
 pub mod metrics;
@@ -16,6 +17,7 @@ pub mod process;
 pub mod tls;
 
 pub use backends::*;
+pub use cluster::*;
 pub use gateway::*;
 pub use http::*;
 pub use metrics::*;
