@@ -502,6 +502,7 @@ mod tests {
                 })
                 .collect(),
             health: Default::default(),
+            send_proxy: None,
             tls: None,
         };
         Pool::new(

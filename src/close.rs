@@ -22,6 +22,12 @@ pub enum End {
     Error,
     /// The client sent nothing within `first_byte_timeout`; no backend was contacted.
     ClientSilent,
+    /// No route took the client's server name and the listener has no default pool.
+    NoRoute,
+    /// The PROXY header or the ClientHello was incomplete after `sni_timeout`.
+    SniTimeout,
+    /// The connection did not start with a valid PROXY protocol header.
+    ProxyProtocol,
 }
 
 impl End {
@@ -45,6 +51,9 @@ impl End {
             Self::ConnectFailed => "connect_failed",
             Self::Error => "error",
             Self::ClientSilent => "client_silent",
+            Self::NoRoute => "no_route",
+            Self::SniTimeout => "sni_timeout",
+            Self::ProxyProtocol => "proxy_protocol",
         }
     }
 }

@@ -9,10 +9,12 @@
 //! the same way. Before this split, a handful of ClientHellos with a bogus ALPN could mark a
 //! whole pool down (round-2 hardening, item 1).
 
+use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::balance::{ActiveGuard, Backend, Pool};
@@ -85,6 +87,36 @@ fn socket_error(e: &io::Error) -> AttemptError {
     } else {
         AttemptError::Backend(e.to_string())
     }
+}
+
+/// What every backend connection of `pool` starts with for this client: the PROXY header
+/// when the pool has `send_proxy` (carrying `client` and the address it connected to), then
+/// `first`, the bytes already read from the client (a routed ClientHello). Borrowed, with
+/// no system call, when there is no header to write.
+pub(crate) fn preamble<'a>(
+    pool: &Pool,
+    client_socket: &TcpStream,
+    client: SocketAddr,
+    first: &'a [u8],
+) -> Cow<'a, [u8]> {
+    let Some(version) = pool.cfg.send_proxy else {
+        return Cow::Borrowed(first);
+    };
+    let local = client_socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut out = crate::proxy_protocol::header(version, client, local);
+    out.extend_from_slice(first);
+    Cow::Owned(out)
+}
+
+/// Writes the preamble to a fresh backend connection, in one write; a failure is the
+/// backend's (it reset or closed at once).
+pub(crate) async fn send_preamble(tcp: &mut TcpStream, bytes: &[u8]) -> Result<(), AttemptError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    tcp.write_all(bytes).await.map_err(|e| socket_error(&e))
 }
 
 /// Tries distinct backends in the pool's order until one accepts the connect and `finish`

@@ -1,6 +1,10 @@
 //! One passthrough connection, from accepted socket to access-log line: the glue between the
-//! snapshot, connecting and the relay.
+//! snapshot, the PROXY header and SNI route (SPEC §9), connecting and the relay.
 //!
+//! With `proxy_protocol` the header is read first and its address is the client's from then
+//! on. With routes, the ClientHello is read ([`crate::sni`]) within `sni_timeout`, the
+//! route picks the pool, and the bytes read go to the backend first, untouched, before the
+//! relay (and splice) take over.
 //! `serve` runs in its own task with the listener's snapshot of accept time: it connects
 //! ([`crate::connect`], which picks and retries), relays bytes both ways with
 //! [`crate::relay::relay_tcp`] until both directions are done, and writes one log line with
@@ -14,9 +18,11 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use crate::close::End;
 use crate::connect::{connect, ConnectError};
 use crate::relay::{drained, relay_tcp};
 use crate::snapshot::ListenerSnapshot;
+use crate::sni::{Hello, HelloReader};
 
 /// How the wait for a client's first bytes ended (SPEC §3, Silent clients).
 enum FirstBytes {
@@ -46,47 +52,174 @@ async fn first_bytes(client: &TcpStream, timeout: Duration) -> FirstBytes {
     }
 }
 
+/// How reading the ClientHello of a routed connection ended.
+enum Inspected {
+    /// The hello (or bytes that are not one) is in, with everything read.
+    Read(HelloReader),
+    /// Nothing within `first_byte_timeout`.
+    Silent,
+    /// The client closed or failed before the hello was whole.
+    Closed,
+    /// The hello was incomplete at `sni_timeout`.
+    TimedOut,
+}
+
+/// Reads until the ClientHello is whole (or known not to be one), by readiness and
+/// `try_read`, so a client that sends its hello at once costs one read. Nothing sent by
+/// `silent_at` is a silent client, as without routes; an incomplete hello at `sni_at` is a
+/// timeout.
+async fn read_hello(
+    client: &TcpStream,
+    silent_at: Option<tokio::time::Instant>,
+    sni_at: tokio::time::Instant,
+) -> Inspected {
+    let mut r = HelloReader::new();
+    loop {
+        if r.answer().is_some() {
+            return Inspected::Read(r);
+        }
+        let until = match silent_at {
+            Some(t) if r.bytes().is_empty() && t < sni_at => t,
+            _ => sni_at,
+        };
+        match tokio::time::timeout_at(until, client.readable()).await {
+            Err(_) if until == sni_at => return Inspected::TimedOut,
+            Err(_) => return Inspected::Silent,
+            Ok(Err(_)) => return Inspected::Closed,
+            Ok(Ok(())) => {}
+        }
+        let spare = r.spare();
+        let offered = spare.len();
+        match client.try_read(spare) {
+            Ok(0) => return Inspected::Closed,
+            Ok(n) => {
+                r.filled(offered, n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                r.filled(offered, 0);
+            }
+            Err(_) => return Inspected::Closed,
+        }
+    }
+}
+
 /// Serves one accepted passthrough connection to completion.
 pub(crate) async fn serve(
     client: TcpStream,
-    client_addr: SocketAddr,
+    mut client_addr: SocketAddr,
     state: Arc<ListenerSnapshot>,
 ) {
     let started = Instant::now();
-    // Everything before the relay (the wait for the first bytes, connecting, logging a
-    // failure) runs in this box, which is freed once connected: a task is as large as its
-    // largest state for its whole life, and only the relay's state should stay.
+    // Everything before the relay (the PROXY header, the wait for the first bytes or the
+    // ClientHello, connecting, logging a failure) runs in this box, which is freed once
+    // connected: a task is as large as its largest state for its whole life, and only the
+    // relay's state should stay.
+    // The PROXY header's address replaces the socket's in place: one address for the
+    // connection's whole life, not two.
     let connected = Box::pin(async {
-        let waited = tokio::select! {
-            w = first_bytes(&client, state.cfg.first_byte_timeout) => w,
-            // Shutdown's deadline (or a second signal) ends the wait too.
-            () = state.drain.cancelled() => FirstBytes::Closed,
-        };
-        match waited {
-            FirstBytes::Arrived => {}
-            FirstBytes::Silent => {
-                state.log_silent(client_addr, started);
-                return None;
-            }
-            FirstBytes::Closed => {
-                // A port probe (keepalived, a scanner): nothing to proxy, nothing to log.
-                tracing::debug!(listener = %state.cfg.name, client = %client_addr, "client closed before sending anything");
-                return None;
+        let sni_at = tokio::time::Instant::now() + state.cfg.sni_timeout;
+        if state.cfg.proxy_protocol {
+            let header = tokio::select! {
+                r = tokio::time::timeout_at(sni_at, crate::proxy_protocol::read_header(&client)) => r,
+                () = state.drain.cancelled() => return None,
+            };
+            match header {
+                Ok(Ok(Some(source))) => client_addr = source,
+                Ok(Ok(None)) => {}
+                Ok(Err(why)) => {
+                    state.log_rejected(client_addr, started, End::ProxyProtocol, why);
+                    return None;
+                }
+                Err(_) => {
+                    state.log_rejected(client_addr, started, End::SniTimeout, "no whole PROXY header within sni_timeout");
+                    return None;
+                }
             }
         }
+        let (pool, tag, first) = if state.routes.is_empty() {
+            let waited = tokio::select! {
+                w = first_bytes(&client, state.cfg.first_byte_timeout) => w,
+                // Shutdown's deadline (or a second signal) ends the wait too.
+                () = state.drain.cancelled() => FirstBytes::Closed,
+            };
+            match waited {
+                FirstBytes::Arrived => {}
+                FirstBytes::Silent => {
+                    state.log_silent(client_addr, started);
+                    return None;
+                }
+                FirstBytes::Closed => {
+                    // A port probe (keepalived, a scanner): nothing to proxy, nothing to log.
+                    tracing::debug!(listener = %state.cfg.name, client = %client_addr, "client closed before sending anything");
+                    return None;
+                }
+            }
+            let (pool, tag) = state.route(None)?;
+            (pool, tag, Vec::new())
+        } else {
+            let fbt = state.cfg.first_byte_timeout;
+            let silent_at = (!fbt.is_zero()).then(|| tokio::time::Instant::now() + fbt);
+            let inspected = tokio::select! {
+                i = read_hello(&client, silent_at, sni_at) => i,
+                () = state.drain.cancelled() => Inspected::Closed,
+            };
+            let hello = match inspected {
+                Inspected::Read(h) => h,
+                Inspected::Silent => {
+                    state.log_silent(client_addr, started);
+                    return None;
+                }
+                Inspected::Closed => {
+                    tracing::debug!(listener = %state.cfg.name, client = %client_addr, "client closed before its ClientHello was whole");
+                    return None;
+                }
+                Inspected::TimedOut => {
+                    state.log_rejected(client_addr, started, End::SniTimeout, "ClientHello incomplete at sni_timeout");
+                    return None;
+                }
+            };
+            let answer = hello.answer();
+            let sni = answer.and_then(Hello::sni);
+            if let Some(Hello::Malformed(why)) = answer {
+                tracing::debug!(listener = %state.cfg.name, client = %client_addr, error = why, "malformed ClientHello: routed as without a server name");
+            }
+            let Some((pool, tag)) = state.route(sni) else {
+                state.log_rejected(client_addr, started, End::NoRoute, "no route for the server name and no default pool");
+                return None;
+            };
+            if let Some(Hello::Tls { alpn, .. }) = answer {
+                tracing::debug!(listener = %state.cfg.name, client = %client_addr, sni = sni.unwrap_or("-"), alpn = ?alpn, route = state.route_name(tag), "routed");
+            }
+            (pool, tag, hello.into_bytes())
+        };
+        let preamble = crate::connect::preamble(pool, &client, client_addr, &first);
         let r = tokio::select! {
-            r = connect(&state.pool, client_addr, &state.cfg.name, |_, tcp| async move { Ok(tcp) }) => r,
+            r = connect(pool, client_addr, &state.cfg.name, |_, mut tcp| {
+                let preamble = &preamble;
+                async move {
+                    crate::connect::send_preamble(&mut tcp, preamble).await?;
+                    Ok(tcp)
+                }
+            }) => r,
             () = state.drain.cancelled() => Err(ConnectError::Draining),
         };
-        r.map_err(|e| state.log_connect_failed(client_addr, started, &e))
-            .ok()
+        match r {
+            Ok((stream, guard)) => {
+                // At most MAX_WIRE bytes: a u32 keeps the relay's task small.
+                Some((stream, guard, tag, first.len() as u32))
+            }
+            Err(e) => {
+                state.log_connect_failed(client_addr, started, &e);
+                None
+            }
+        }
     })
     .await;
-    let Some((backend_stream, guard)) = connected else {
+    let Some((backend_stream, guard, tag, sent)) = connected else {
         return;
     };
     let drain = drained(&state.drain, &guard.backend().drain);
-    let r = relay_tcp(
+    let mut r = relay_tcp(
         client,
         backend_stream,
         state.cfg.idle_timeout,
@@ -94,5 +227,6 @@ pub(crate) async fn serve(
         drain,
     )
     .await;
-    state.log_close(client_addr, guard.backend(), started, &r);
+    r.up += u64::from(sent);
+    state.log_close(client_addr, guard.backend(), tag, started, &r);
 }

@@ -101,6 +101,9 @@ enum Command {
         #[arg(long)]
         threads: Option<NonZeroUsize>,
     },
+    /// Put kubelet-like watches and LIST load on apiservers (through apilb or directly) and
+    /// report latency, errors, watch re-establishments and the spread over backends.
+    Load(Box<LoadArgs>),
     /// Simulated apiservers alone, one per --listen address, with the PKI in --dir (reused
     /// when there, else written): for tests that run apiservers and gateways apart.
     #[command(hide = true)]
@@ -115,6 +118,158 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         watch_interval: std::time::Duration,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LoadProfile {
+    /// Simulated kubelets: two watches, a Lease every 10 s, node status every 60 s.
+    Kubelet,
+    /// Open-loop LISTs at --qps over --connections.
+    List,
+    /// Both.
+    Mixed,
+}
+
+/// `apilb load` (SPEC §12).
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// A kubeconfig: server, CA and credentials.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current-context).
+    #[arg(long)]
+    context: Option<String>,
+    /// The server, https://HOST:PORT (instead of, or overriding, the kubeconfig's).
+    #[arg(long)]
+    server: Option<String>,
+    /// The CA bundle the server's certificate chains to.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// A client certificate (with --key).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// A bearer token.
+    #[arg(long)]
+    token: Option<String>,
+    /// What load to put on.
+    #[arg(long, value_enum, default_value_t = LoadProfile::Kubelet)]
+    profile: LoadProfile,
+    /// Simulated nodes (kubelet and mixed profiles), one HTTP/2 connection each.
+    #[arg(long, default_value_t = 100)]
+    nodes: usize,
+    /// How long the load runs.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// Nodes start evenly over this.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ramp: std::time::Duration,
+    /// LIST requests per second, open loop (list and mixed profiles).
+    #[arg(long, default_value_t = 50.0)]
+    qps: f64,
+    /// Connections the LIST load is spread over.
+    #[arg(long, default_value_t = 10)]
+    connections: usize,
+    /// A CA certificate to mint one node identity per simulated node with
+    /// (CN=system:node:NAME, O=system:nodes); needs --node-ca-key.
+    #[arg(long, requires = "node_ca_key")]
+    node_ca_cert: Option<PathBuf>,
+    /// The key of --node-ca-cert.
+    #[arg(long, requires = "node_ca_cert")]
+    node_ca_key: Option<PathBuf>,
+    /// An apilb admin address (http://HOST:PORT): report the open connections per backend.
+    #[arg(long)]
+    admin: Option<String>,
+    /// text (a summary to read) or json (one document with the same numbers).
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Node names are PREFIX-00000, PREFIX-00001, ...
+    #[arg(long, default_value = "load-node")]
+    node_prefix: String,
+    /// Between Lease renewals (kubelets: 10 s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, hide = true)]
+    lease_interval: std::time::Duration,
+    /// Between node status updates (kubelets: 60 s).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, hide = true)]
+    status_interval: std::time::Duration,
+    /// Worker threads of the generator (default: the number of cores).
+    #[arg(long)]
+    threads: Option<NonZeroUsize>,
+}
+
+/// `apilb load`: the run's summary on stdout, progress on stderr; 0 when the run finished
+/// (whatever its errors), 2 for bad arguments, 1 when it could not start.
+fn load(args: LoadArgs) -> ExitCode {
+    use apilb::load::{LoadError, LoadOptions, Profile, Source};
+    let opts = LoadOptions {
+        source: Source {
+            kubeconfig: args.kubeconfig,
+            context: args.context,
+            server: args.server,
+            ca: args.ca,
+            cert: args.cert,
+            key: args.key,
+            token: args.token,
+        },
+        profile: match args.profile {
+            LoadProfile::Kubelet => Profile::Kubelet,
+            LoadProfile::List => Profile::List,
+            LoadProfile::Mixed => Profile::Mixed,
+        },
+        nodes: args.nodes,
+        duration: args.duration,
+        ramp: args.ramp,
+        qps: args.qps,
+        connections: args.connections,
+        node_ca: args.node_ca_cert.zip(args.node_ca_key),
+        admin: args.admin,
+        node_prefix: args.node_prefix,
+        lease_every: args.lease_interval,
+        status_every: args.status_interval,
+        ..LoadOptions::default()
+    };
+    let threads = args
+        .threads
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, NonZeroUsize::get);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("apilb-load")
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("apilb load: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let result = runtime.block_on(apilb::load::run(opts, |line| eprintln!("{line}")));
+    match result {
+        Ok(report) => {
+            match args.output {
+                Output::Text => print!("{}", report.text()),
+                Output::Json => match serde_json::to_string_pretty(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => {
+                        eprintln!("apilb load: {e}");
+                        return ExitCode::from(EXIT_RUNTIME);
+                    }
+                },
+            }
+            ExitCode::SUCCESS
+        }
+        Err(LoadError::Args(e)) => {
+            eprintln!("apilb load: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(LoadError::Start(e)) => {
+            eprintln!("apilb load: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -240,6 +395,7 @@ fn main() -> ExitCode {
             .await
             .map_err(|e| e.to_string())
         }),
+        Command::Load(args) => load(*args),
         Command::DemoApiserver {
             listen,
             dir,
@@ -372,11 +528,16 @@ fn summary(cfg: &Config) -> String {
         let addrs: Vec<String> = l.listen.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             s,
-            "listener   {} ({}) on {} -> pool {}, idle_timeout {}, max_connections {}",
+            "listener   {} ({}{}) on {} -> pool {}, idle_timeout {}, max_connections {}",
             l.name,
             l.mode.as_str(),
+            if l.proxy_protocol {
+                ", PROXY protocol"
+            } else {
+                ""
+            },
             addrs.join(", "),
-            l.pool,
+            l.destination(),
             humantime::format_duration(l.idle_timeout),
             l.max_connections
         );

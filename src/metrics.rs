@@ -74,6 +74,12 @@ pub(crate) const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 pub(crate) const REJECT_MAX_CONNECTIONS: &str = "max_connections";
 /// No backend could be connected to (all refused, timed out, or `when_all_down = "reject"`).
 pub(crate) const REJECT_NO_BACKEND: &str = "no_backend";
+/// No route took the server name, and the listener has no default pool (SPEC §9).
+pub(crate) const REJECT_NO_ROUTE: &str = "no_route";
+/// The ClientHello (or PROXY header) was incomplete after `sni_timeout`.
+pub(crate) const REJECT_SNI_TIMEOUT: &str = "sni_timeout";
+/// No valid PROXY protocol header on a `proxy_protocol` listener.
+pub(crate) const REJECT_PROXY_PROTOCOL: &str = "proxy_protocol";
 
 /// Every metric family the gateway exports.
 #[derive(Debug, Clone)]
@@ -340,6 +346,15 @@ impl Metrics {
             rejected_no_backend: self
                 .listener_rejected
                 .with_label_values(&[listener, REJECT_NO_BACKEND]),
+            rejected_no_route: self
+                .listener_rejected
+                .with_label_values(&[listener, REJECT_NO_ROUTE]),
+            rejected_sni_timeout: self
+                .listener_rejected
+                .with_label_values(&[listener, REJECT_SNI_TIMEOUT]),
+            rejected_proxy_protocol: self
+                .listener_rejected
+                .with_label_values(&[listener, REJECT_PROXY_PROTOCOL]),
             accept_errors: self.listener_accept_errors.with_label_values(&[listener]),
             connect_client: self
                 .listener_connect_errors
@@ -448,6 +463,12 @@ pub struct ListenerMetrics {
     pub rejected_max_connections: IntCounter,
     /// Closed because no backend could take it.
     pub rejected_no_backend: IntCounter,
+    /// Closed because no route took it and there is no default pool.
+    pub rejected_no_route: IntCounter,
+    /// Closed because its ClientHello or PROXY header was incomplete after `sni_timeout`.
+    pub rejected_sni_timeout: IntCounter,
+    /// Closed for a missing or invalid PROXY header.
+    pub rejected_proxy_protocol: IntCounter,
     /// accept(2) errors.
     pub accept_errors: IntCounter,
     /// No backend connection because of the client (not charged to a backend).

@@ -302,7 +302,7 @@ async fn backend(
 ) -> BackendReport {
     let b = &pool.backends[i];
     let mut r = BackendReport::new(&b.name, &b.address);
-    let tcp = match tokio::time::timeout(timeout, reach(b.addr)).await {
+    let tcp = match tokio::time::timeout(timeout, reach(b.addr, pool.send_proxy.is_some())).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             r.unreachable = Some(e);
@@ -338,13 +338,17 @@ async fn backend(
     // Read what it presents even when it did not verify (or there is no CA to verify it
     // against): the report says what is wrong with it.
     if leaf.is_none() {
-        if let Some((tls_version, der)) = read_unverified(b.addr, &name, &[], timeout).await {
+        if let Some((tls_version, der)) =
+            read_unverified(b.addr, pool.send_proxy.is_some(), &name, &[], timeout).await
+        {
             r.tls_version = r.tls_version.or(tls_version);
             leaf = Some(der);
         }
     }
     for proto in ["h2", "http/1.1"] {
-        if let Some(accepted) = accepts(b.addr, &name, proto, timeout).await {
+        if let Some(accepted) =
+            accepts(b.addr, pool.send_proxy.is_some(), &name, proto, timeout).await
+        {
             if accepted {
                 r.alpn.push(proto.to_string());
             }
@@ -384,7 +388,7 @@ async fn readiness(
     });
     let result = tokio::time::timeout(timeout, async {
         let config = config.ok_or_else(|| "no [pool.tls]".to_string())?;
-        let tcp = reach(addr).await?;
+        let tcp = reach(addr, pool.send_proxy.is_some()).await?;
         let tls = handshake(tcp, config, name).await?;
         get_status(tls, &host_header(name, addr), &path).await
     })
@@ -453,13 +457,14 @@ fn sans_from(list: &[String]) -> Sans {
 /// that could not be told (unreachable, no TLS).
 async fn accepts(
     addr: std::net::SocketAddr,
+    proxy: bool,
     name: &ServerName<'static>,
     proto: &str,
     timeout: Duration,
 ) -> Option<bool> {
     let config = reading_config(&[proto.as_bytes()])?;
     let result = tokio::time::timeout(timeout, async {
-        let tcp = reach(addr).await?;
+        let tcp = reach(addr, proxy).await?;
         handshake(tcp, config, name).await
     })
     .await
@@ -478,13 +483,14 @@ async fn accepts(
 /// The TLS version and leaf certificate a backend presents, without judging it.
 async fn read_unverified(
     addr: std::net::SocketAddr,
+    proxy: bool,
     name: &ServerName<'static>,
     alpn: &[&[u8]],
     timeout: Duration,
 ) -> Option<(Option<String>, Vec<u8>)> {
     let config = reading_config(alpn)?;
     let tls = tokio::time::timeout(timeout, async {
-        let tcp = reach(addr).await?;
+        let tcp = reach(addr, proxy).await?;
         handshake(tcp, config, name).await
     })
     .await

@@ -25,7 +25,7 @@ use crate::config::{Config, Mode};
 use crate::listener::AcceptLoop;
 use crate::metrics::Metrics;
 use crate::reload::plan::{plan, Deployed, Plan, ReloadSummary, SocketKey};
-use crate::snapshot::ListenerSnapshot;
+use crate::snapshot::{ListenerSnapshot, Route};
 use crate::{health, terminate};
 
 /// Failure to start the gateway.
@@ -196,7 +196,7 @@ impl Running {
         self.publish_view();
         if initial {
             for l in &self.view.load().listeners {
-                tracing::info!(listener = %l.name, mode = l.mode.as_str(), pool = %l.pool, addrs = ?l.listen, "listening");
+                tracing::info!(listener = %l.name, mode = l.mode.as_str(), pool = %l.destination, addrs = ?l.listen, "listening");
             }
         }
         Ok(summary(plan, added, initial))
@@ -267,9 +267,24 @@ impl Running {
     ) -> Result<HashMap<String, Arc<ListenerSnapshot>>, StartError> {
         let mut states = HashMap::new();
         for l in &cfg.listeners {
-            let Some(pool) = pools.iter().find(|p| p.cfg.name == l.pool).cloned() else {
-                return Err(StartError::UnknownPool(l.name.clone()));
+            let find = |name: &str| {
+                pools
+                    .iter()
+                    .find(|p| p.cfg.name == name)
+                    .cloned()
+                    .ok_or_else(|| StartError::UnknownPool(l.name.clone()))
             };
+            let pool = l.pool.as_deref().map(find).transpose()?;
+            let routes = l
+                .routes
+                .iter()
+                .map(|r| {
+                    Ok(Route {
+                        sni: r.sni.clone(),
+                        pool: find(&r.pool)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StartError>>()?;
             let rt = self
                 .listeners
                 .entry(l.name.clone())
@@ -294,6 +309,7 @@ impl Running {
                 Arc::new(ListenerSnapshot {
                     cfg: l.clone(),
                     pool,
+                    routes,
                     metrics: self.metrics.listener(&l.name),
                     limit: rt.limit.clone(),
                     drain: rt.drain.clone(),
@@ -425,7 +441,10 @@ impl Running {
                     name: l.name.clone(),
                     mode: l.mode,
                     listen: l.listen.iter().filter_map(|a| bound(*a, &l.name)).collect(),
+                    destination: l.destination(),
+                    pools: l.pools().map(str::to_string).collect(),
                     pool: l.pool.clone(),
+                    routes: l.routes.clone(),
                     active: self.metrics.listener(&l.name).active,
                 })
                 .collect(),
@@ -478,6 +497,7 @@ fn health_key(p: &Pool, cfg: &Config) -> String {
             backends,
             files,
             names,
+            p.cfg.send_proxy,
         )
     )
 }

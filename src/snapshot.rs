@@ -25,8 +25,11 @@ use crate::metrics::ListenerMetrics;
 pub(crate) struct ListenerSnapshot {
     /// The listener's settings.
     pub(crate) cfg: ListenerConfig,
-    /// The pool it forwards to.
-    pub(crate) pool: Arc<Pool>,
+    /// The pool it forwards to: every connection without routes; with routes, those no
+    /// route takes. `None`: those are closed (`no_route`).
+    pub(crate) pool: Option<Arc<Pool>>,
+    /// SNI routes, in file order, with their pools.
+    pub(crate) routes: Vec<Route>,
     /// Its metric handles.
     pub(crate) metrics: ListenerMetrics,
     /// Permits for `max_connections`, shared by all addresses of the listener and kept
@@ -45,7 +48,64 @@ pub(crate) struct ListenerSnapshot {
     pub(crate) budget: Arc<crate::budget::Budget>,
 }
 
+/// One `[[listener.route]]` with its live pool.
+#[derive(Debug)]
+pub(crate) struct Route {
+    /// Lower-case names and `*.` patterns.
+    pub(crate) sni: Vec<String>,
+    /// Where matching connections go.
+    pub(crate) pool: Arc<Pool>,
+}
+
+/// Which route took a connection, kept by the connection until its access line: four bytes,
+/// not a borrowed name, since every idle connection pays for what its task holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RouteTag(u32);
+
+impl RouteTag {
+    /// A listener without routes.
+    pub(crate) const NONE: Self = Self(0);
+    /// The default pool of a listener with routes.
+    const DEFAULT: Self = Self(u32::MAX);
+}
+
 impl ListenerSnapshot {
+    /// The pool for a client asking for `sni` (lower-case): the first route with a
+    /// matching pattern, else the default pool; `None` when neither.
+    pub(crate) fn route(&self, sni: Option<&str>) -> Option<(&Arc<Pool>, RouteTag)> {
+        if let Some(sni) = sni {
+            for (i, r) in self.routes.iter().enumerate() {
+                if let Some(j) = r.sni.iter().position(|p| crate::sni::matches(p, sni)) {
+                    // Validation keeps routes and names far below 2^16 each.
+                    let tag = ((i as u32) << 16 | (j as u32 & 0xffff)) + 1;
+                    return Some((&r.pool, RouteTag(tag)));
+                }
+            }
+        }
+        let pool = self.pool.as_ref()?;
+        let tag = match self.routes.is_empty() {
+            true => RouteTag::NONE,
+            false => RouteTag::DEFAULT,
+        };
+        Some((pool, tag))
+    }
+
+    /// The access log's `route`: the pattern that matched, `default`, or nothing on a
+    /// listener without routes.
+    pub(crate) fn route_name(&self, tag: RouteTag) -> Option<&str> {
+        match tag {
+            RouteTag::NONE => None,
+            RouteTag::DEFAULT => Some("default"),
+            RouteTag(t) => {
+                let (i, j) = (((t - 1) >> 16) as usize, ((t - 1) & 0xffff) as usize);
+                self.routes
+                    .get(i)
+                    .and_then(|r| r.sni.get(j))
+                    .map(String::as_str)
+            }
+        }
+    }
+
     /// The access-log line of a client that never reached a backend, and its counter.
     pub(crate) fn log_connect_failed(
         &self,
@@ -69,6 +129,21 @@ impl ListenerSnapshot {
         self.metrics.closed_silent.inc();
         if self.cfg.log_empty {
             self.log_unproxied(client, started, End::ClientSilent, None);
+        }
+    }
+
+    /// A connection closed before any backend was chosen (`no_route`, `sni_timeout`,
+    /// `proxy_protocol`): its counter, and its access line (an empty connection, so
+    /// `log_empty` applies).
+    pub(crate) fn log_rejected(&self, client: SocketAddr, started: Instant, end: End, why: &str) {
+        match end {
+            End::NoRoute => self.metrics.rejected_no_route.inc(),
+            End::SniTimeout => self.metrics.rejected_sni_timeout.inc(),
+            _ => self.metrics.rejected_proxy_protocol.inc(),
+        }
+        tracing::debug!(listener = %self.cfg.name, client = %client, end = %end, "{why}");
+        if self.cfg.log_empty {
+            self.log_unproxied(client, started, end, None);
         }
     }
 
@@ -99,6 +174,7 @@ impl ListenerSnapshot {
         &self,
         client: SocketAddr,
         backend: &Backend,
+        route: RouteTag,
         started: Instant,
         r: &Relayed,
     ) {
@@ -119,6 +195,7 @@ impl ListenerSnapshot {
             listener = %self.cfg.name,
             client = %client,
             backend = %backend.name,
+            route = self.route_name(route),
             duration_ms = duration_ms(started),
             bytes_up = r.up,
             bytes_down = r.down,

@@ -26,9 +26,10 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Backend, Pool};
+use crate::close::End;
 use crate::connect::{connect, AttemptError, ConnectError};
 use crate::relay::{drained, relay, ReadAhead};
-use crate::snapshot::ListenerSnapshot;
+use crate::snapshot::{ListenerSnapshot, RouteTag};
 
 /// Serves one accepted terminate connection to completion.
 pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<ListenerSnapshot>) {
@@ -48,35 +49,75 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
         () = state.drain.cancelled() => None,
     };
     drop(slot);
-    let Some((client_stream, backend_stream, guard)) = established else {
+    let Some(established) = established else {
         return;
     };
+    let (client_addr, tag) = (established.client, established.route);
+    let (client_stream, backend_stream, guard) = (
+        established.client_stream,
+        established.backend_stream,
+        established.guard,
+    );
     let (cr, cw) = tokio::io::split(client_stream);
     let (br, bw) = tokio::io::split(backend_stream);
     let drain = drained(&state.drain, &guard.backend().drain);
     let r = relay(cr, cw, br, bw, state.cfg.idle_timeout, drain).await;
-    state.log_close(client_addr, guard.backend(), started, &r);
+    state.log_close(client_addr, guard.backend(), tag, started, &r);
 }
 
-/// The client's ClientHello, the backend's TLS connection, then the client's handshake;
-/// `None` (counted and logged) when any of them fails.
+/// Both TLS connections of a client, ready to relay.
+struct Established {
+    client_stream: tokio_rustls::server::TlsStream<ReadAhead>,
+    backend_stream: tokio_rustls::client::TlsStream<ReadAhead>,
+    guard: crate::balance::ActiveGuard,
+    /// The client's address: the PROXY header's, when the listener takes one.
+    client: SocketAddr,
+    /// The route that chose the pool.
+    route: RouteTag,
+}
+
+/// The PROXY header (with `proxy_protocol`), the client's ClientHello, the backend's TLS
+/// connection (the pool chosen by the hello's server name when the listener has routes),
+/// then the client's handshake; `None` (counted and logged) when any of them fails.
 async fn establish(
     tcp: TcpStream,
     client_addr: SocketAddr,
     state: &ListenerSnapshot,
     started: Instant,
-) -> Option<(
-    tokio_rustls::server::TlsStream<ReadAhead>,
-    tokio_rustls::client::TlsStream<ReadAhead>,
-    crate::balance::ActiveGuard,
-)> {
+) -> Option<Established> {
+    let mut client_addr = client_addr;
     let Some(tls) = state.cfg.tls.as_ref() else {
         // Validation guarantees [listener.tls] for terminate listeners.
         return None;
     };
     let listener = state.cfg.name.as_str();
     let errors = &state.metrics.tls;
+    if state.cfg.proxy_protocol {
+        let header = tokio::time::timeout(
+            state.cfg.sni_timeout,
+            crate::proxy_protocol::read_header(&tcp),
+        )
+        .await;
+        match header {
+            Ok(Ok(Some(source))) => client_addr = source,
+            Ok(Ok(None)) => {}
+            Ok(Err(why)) => {
+                state.log_rejected(client_addr, started, End::ProxyProtocol, why);
+                return None;
+            }
+            Err(_) => {
+                state.log_rejected(
+                    client_addr,
+                    started,
+                    End::SniTimeout,
+                    "no whole PROXY header within sni_timeout",
+                );
+                return None;
+            }
+        }
+    }
     let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
+    let local = tcp.local_addr().ok();
 
     let acceptor =
         LazyConfigAcceptor::new(rustls::server::Acceptor::default(), ReadAhead::new(tcp));
@@ -114,10 +155,37 @@ async fn establish(
         return None;
     }
 
-    let pool = &state.pool;
+    // The same routes as passthrough, by the name the client's handshake asks for (the
+    // certificate it gets is still chosen by [[listener.tls.sni]]).
+    let sni = hello
+        .server_name()
+        .map(|n| n.trim_end_matches('.').to_ascii_lowercase());
+    let Some((pool, route)) = state.route(sni.as_deref()) else {
+        state.log_rejected(
+            client_addr,
+            started,
+            End::NoRoute,
+            "no route for the server name and no default pool",
+        );
+        return None;
+    };
+    let proxy_header = pool.cfg.send_proxy.map(|v| {
+        crate::proxy_protocol::header(
+            v,
+            client_addr,
+            local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        )
+    });
     let connected = tokio::select! {
-        r = connect(pool, client_addr, listener, |backend, tcp| {
-            backend_tls(pool, backend, tcp, &offered, &errors.backend_tls)
+        r = connect(pool, client_addr, listener, |backend, mut tcp| {
+            let proxy_header = proxy_header.as_deref();
+            let offered = &offered;
+            async move {
+                if let Some(h) = proxy_header {
+                    crate::connect::send_preamble(&mut tcp, h).await?;
+                }
+                backend_tls(pool, backend, tcp, offered, &errors.backend_tls).await
+            }
         }) => r,
         () = state.drain.cancelled() => Err(ConnectError::Draining),
     };
@@ -160,7 +228,13 @@ async fn establish(
         }
     };
 
-    Some((client_stream, backend_stream, guard))
+    Some(Established {
+        client_stream,
+        backend_stream,
+        guard,
+        client: client_addr,
+        route,
+    })
 }
 
 /// The protocols the gateway knows how to relay, in its order of preference. Anything else a

@@ -17,6 +17,7 @@ pub(crate) fn status_json(view: &View, phase: Phase) -> serde_json::Value {
                 "mode": l.mode.as_str(),
                 "listen": l.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "pool": l.pool,
+                "routes": l.routes.iter().map(|r| json!({"sni": r.sni, "pool": r.pool})).collect::<Vec<_>>(),
                 "active": l.active.get(),
             })
         })

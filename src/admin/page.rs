@@ -100,7 +100,7 @@ pub(crate) fn status_html(view: &View, phase: Phase) -> String {
             esc(&l.name),
             l.mode.as_str(),
             addrs.join(" "),
-            esc(&l.pool),
+            esc(&l.destination),
             l.active.get()
         );
     }

@@ -85,8 +85,14 @@ pub(crate) struct ListenerView {
     pub mode: Mode,
     /// Bound addresses.
     pub listen: Vec<SocketAddr>,
-    /// The pool it uses.
-    pub pool: String,
+    /// Where connections go (`ListenerConfig::destination`).
+    pub destination: String,
+    /// Every pool it uses.
+    pub pools: Vec<String>,
+    /// The default pool and the routes, for the JSON view.
+    pub pool: Option<String>,
+    /// SNI routes.
+    pub routes: Vec<crate::config::RouteConfig>,
     /// Open connections.
     pub active: IntGauge,
 }
@@ -117,7 +123,7 @@ pub(crate) fn not_ready(view: &View, phase: Phase) -> Option<String> {
         let users: Vec<&str> = view
             .listeners
             .iter()
-            .filter(|l| l.pool == pool.cfg.name)
+            .filter(|l| l.pools.contains(&pool.cfg.name))
             .map(|l| l.name.as_str())
             .collect();
         if users.is_empty() {

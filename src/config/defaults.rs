@@ -18,6 +18,9 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// `[[listener]] first_byte_timeout` (SPEC §3, Silent clients)
 pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `[[listener]] max_connections`
+/// `sni_timeout`: time for the PROXY header and the whole ClientHello (SPEC §9).
+pub(crate) const SNI_TIMEOUT: Duration = Duration::from_secs(5);
+/// `[[listener]] max_connections`.
 pub(crate) const MAX_CONNECTIONS: u32 = 50_000;
 /// `[listener.tls] max_handshakes`: a burst of reconnecting clients fits; a flood of
 /// ClientHellos (each costing a backend handshake before the client did any cryptographic

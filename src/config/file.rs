@@ -42,6 +42,7 @@ pub(super) struct FilePool {
     pub(super) slow_start: Option<Spanned<String>>,
     pub(super) health: Option<Spanned<FileHealth>>,
     pub(super) tls: Option<Spanned<FilePoolTls>>,
+    pub(super) send_proxy: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,13 +87,24 @@ pub(super) struct FileListener {
     pub(super) name: Spanned<String>,
     pub(super) listen: Spanned<OneOrMany>,
     pub(super) mode: Option<Spanned<String>>,
-    pub(super) pool: Spanned<String>,
+    pub(super) pool: Option<Spanned<String>>,
+    pub(super) sni_timeout: Option<Spanned<String>>,
+    pub(super) proxy_protocol: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub(super) route: Vec<Spanned<FileRoute>>,
     pub(super) idle_timeout: Option<Spanned<String>>,
     pub(super) first_byte_timeout: Option<Spanned<String>>,
     pub(super) log_empty: Option<Spanned<bool>>,
     pub(super) names: Option<Spanned<Vec<String>>>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) tls: Option<Spanned<FileListenerTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileRoute {
+    pub(super) sni: Spanned<Vec<String>>,
+    pub(super) pool: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,9 +6,12 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use super::defaults;
-use super::file::{FileListener, FileListenerTls, OneOrMany};
-use super::types::{ListenerConfig, ListenerTlsConfig, Mode};
+use super::file::{FileListener, FileListenerTls, FileRoute, OneOrMany};
+use super::types::{ListenerConfig, ListenerTlsConfig, Mode, RouteConfig};
 use super::validate::{Seen, Validator};
+
+/// The most routes per listener, and names per route.
+const MAX_ROUTES: usize = 1000;
 
 impl Validator<'_> {
     /// Validates listener `i` against what earlier sections and listeners took.
@@ -80,22 +83,35 @@ impl Validator<'_> {
             }
             (Mode::Passthrough, None) => None,
         };
-        if mode == Mode::Terminate
-            && seen.pools.contains_key(l.pool.get_ref())
-            && !seen.pools_with_tls.contains(l.pool.get_ref())
-        {
-            self.error(l.pool.span(), format!("listener[{i}].pool"), format!(
-                "a terminate listener opens its own TLS connections to the backends, so pool {:?} needs [pool.tls] with the CA that signed them",
-                l.pool.get_ref()
-            ));
-        }
-        let pool = l.pool.get_ref().clone();
-        if !seen.pools.contains_key(&pool) {
-            let known: Vec<&str> = seen.pools.keys().map(String::as_str).collect();
+        let pool = l.pool.as_ref().map(|p| {
+            self.pool_ref(p, &format!("listener[{i}].pool"), mode, seen);
+            p.get_ref().clone()
+        });
+        let routes = self.routes(i, &l.route, mode, seen);
+        if pool.is_none() && routes.is_empty() {
             self.error(
-                l.pool.span(),
+                l.name.span(),
                 format!("listener[{i}].pool"),
-                format!("unknown pool {pool:?}: expected one of the [[pool]] names {known:?}"),
+                "expected pool = \"NAME\" (or [[listener.route]]s with their pools)",
+            );
+        }
+        let sni_timeout = self.duration(
+            l.sni_timeout.as_ref(),
+            &format!("listener[{i}].sni_timeout"),
+            defaults::SNI_TIMEOUT,
+        );
+        if let Some(v) = &l.sni_timeout {
+            if sni_timeout.is_zero() {
+                self.error(v.span(), format!("listener[{i}].sni_timeout"), "expected a time above zero: a ClientHello or PROXY header takes some time to arrive");
+            }
+        }
+        let proxy_protocol = l.proxy_protocol.as_ref().is_some_and(|v| *v.get_ref());
+        let inspects = proxy_protocol || (mode == Mode::Passthrough && !routes.is_empty());
+        if let (Some(v), false) = (&l.sni_timeout, inspects) {
+            self.warn(
+                v.span(),
+                format!("listener[{i}].sni_timeout"),
+                "sni_timeout has no effect here: it bounds the PROXY header and a passthrough listener's ClientHello read for routes, and this listener has neither",
             );
         }
         let idle_timeout = self.duration(
@@ -138,6 +154,9 @@ impl Validator<'_> {
             listen,
             mode,
             pool,
+            routes,
+            sni_timeout,
+            proxy_protocol,
             idle_timeout,
             first_byte_timeout,
             log_empty: l.log_empty.as_ref().is_none_or(|v| *v.get_ref()),
@@ -145,6 +164,96 @@ impl Validator<'_> {
             max_connections,
             tls,
         }
+    }
+
+    /// A pool a listener or one of its routes names: it exists, and has `[pool.tls]` for
+    /// terminate.
+    fn pool_ref(&mut self, p: &Spanned<String>, key: &str, mode: Mode, seen: &Seen) {
+        let name = p.get_ref();
+        if !seen.pools.contains_key(name) {
+            let known: Vec<&str> = seen.pools.keys().map(String::as_str).collect();
+            self.error(
+                p.span(),
+                key,
+                format!("unknown pool {name:?}: expected one of the [[pool]] names {known:?}"),
+            );
+        } else if mode == Mode::Terminate && !seen.pools_with_tls.contains(name) {
+            self.error(p.span(), key, format!(
+                "a terminate listener opens its own TLS connections to the backends, so pool {name:?} needs [pool.tls] with the CA that signed them"
+            ));
+        }
+    }
+
+    /// `[[listener.route]]`s of listener `i`: names valid and each once in the listener,
+    /// pools known.
+    fn routes(
+        &mut self,
+        i: usize,
+        routes: &[Spanned<FileRoute>],
+        mode: Mode,
+        seen: &Seen,
+    ) -> Vec<RouteConfig> {
+        let mut names: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        // The access log's route tag packs both indexes in 16 bits; linear matching wants
+        // far fewer anyway.
+        if routes.len() > MAX_ROUTES {
+            if let Some(r) = routes.get(MAX_ROUTES) {
+                self.error(
+                    r.span(),
+                    format!("listener[{i}].route"),
+                    format!("more than {MAX_ROUTES} routes on one listener"),
+                );
+            }
+        }
+        for (j, r) in routes.iter().enumerate().take(MAX_ROUTES) {
+            let r = r.get_ref();
+            let key = format!("listener[{i}].route[{j}].sni");
+            self.pool_ref(
+                &r.pool,
+                &format!("listener[{i}].route[{j}].pool"),
+                mode,
+                seen,
+            );
+            if r.sni.get_ref().is_empty() {
+                self.error(r.sni.span(), &key, "expected at least one name");
+            }
+            let mut sni = Vec::new();
+            if r.sni.get_ref().len() > MAX_ROUTES {
+                self.error(
+                    r.sni.span(),
+                    &key,
+                    format!("more than {MAX_ROUTES} names in one route"),
+                );
+            }
+            for n in r.sni.get_ref().iter().take(MAX_ROUTES) {
+                let n = n.trim().trim_end_matches('.').to_ascii_lowercase();
+                let base = n.strip_prefix("*.").unwrap_or(&n);
+                // `*.com` would route a whole top-level domain: a wildcard needs two labels.
+                let wildcard_ok = !n.starts_with("*.") || base.contains('.');
+                let valid = !base.contains('*')
+                    && wildcard_ok
+                    && rustls::pki_types::DnsName::try_from(base).is_ok()
+                    && base.parse::<std::net::IpAddr>().is_err();
+                if !valid {
+                    self.error(r.sni.span(), &key, format!(
+                        "{n:?} is not a DNS name or \"*.\" and a DNS name (a wildcard stands for exactly one label, at the front; clients send no IP address as a server name)"
+                    ));
+                } else if names.contains(&n) {
+                    self.error(r.sni.span(), &key, format!(
+                        "{n:?} is named by an earlier route of this listener: each name may route to one pool only"
+                    ));
+                } else {
+                    names.push(n.clone());
+                    sni.push(n);
+                }
+            }
+            out.push(RouteConfig {
+                sni,
+                pool: r.pool.get_ref().clone(),
+            });
+        }
+        out
     }
 
     /// `[listener.tls]` of listener `i`.

@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use super::defaults;
 use super::file::FilePool;
-use super::types::{BackendConfig, Balance, PoolConfig, WhenAllDown};
+use super::types::{BackendConfig, Balance, CheckKind, PoolConfig, SendProxy, WhenAllDown};
 use super::validate::{port_hint, Validator};
 
 impl Validator<'_> {
@@ -105,9 +105,21 @@ impl Validator<'_> {
                 weight,
             });
         }
+        let send_proxy = p
+            .send_proxy
+            .as_ref()
+            .map(|v| self.choice(Some(v), &k("send_proxy"), SendProxy::V2));
+        if let (Some(v), Some(_)) = (&p.send_proxy, send_proxy) {
+            if health.check == CheckKind::Https && health.path.starts_with("/readyz") {
+                self.warn(v.span(), k("send_proxy"), format!(
+                    "pool {name:?} sends PROXY headers but checks /readyz over https, as for apiservers: kube-apiserver does not accept PROXY headers and will fail every connection; send_proxy is for backends such as HAProxy or nginx with proxy_protocol"
+                ));
+            }
+        }
         Some((
             PoolConfig {
                 name,
+                send_proxy,
                 balance,
                 connect_timeout,
                 connect_attempts,

@@ -130,15 +130,25 @@ impl Config {
     /// backend certificate of the pool must cover them (SPEC §8).
     pub fn passthrough_names(&self, pool: &str) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
+        let mut add = |n: &String| {
+            if !out.contains(n) {
+                out.push(n.clone());
+            }
+        };
         for l in self
             .listeners
             .iter()
-            .filter(|l| l.mode == Mode::Passthrough && l.pool == pool)
+            .filter(|l| l.mode == Mode::Passthrough)
         {
-            for n in &l.names {
-                if !out.contains(n) {
-                    out.push(n.clone());
-                }
+            if l.pool.as_deref() == Some(pool) {
+                l.names.iter().for_each(&mut add);
+            }
+            // A route's exact names are names its clients use; a wildcard names none.
+            for r in l.routes.iter().filter(|r| r.pool == pool) {
+                r.sni
+                    .iter()
+                    .filter(|n| !n.starts_with("*."))
+                    .for_each(&mut add);
             }
         }
         out
@@ -310,6 +320,31 @@ pub struct PoolConfig {
     pub health: HealthConfig,
     /// Backend TLS verification, when configured.
     pub tls: Option<PoolTlsConfig>,
+    /// `send_proxy`: the PROXY header every backend connection starts with (SPEC §9).
+    pub send_proxy: Option<SendProxy>,
+}
+
+/// `send_proxy`: which PROXY protocol header a pool's backends expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendProxy {
+    /// The text line (`send-proxy` in HAProxy).
+    V1,
+    /// The binary header (`send-proxy-v2`).
+    V2,
+}
+
+impl Choice for SendProxy {
+    const WHAT: &'static str = "send_proxy";
+    const CHOICES: &'static [(&'static str, Self)] = &[("v1", Self::V1), ("v2", Self::V2)];
+}
+
+/// `[[listener.route]]`: the pool for clients asking for one of `sni` (SPEC §9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Lower-case names, or `*.` and a name (one label), each once per listener.
+    pub sni: Vec<String>,
+    /// The pool those clients go to.
+    pub pool: String,
 }
 
 /// `[[pool.backend]]`: one apiserver.
@@ -366,7 +401,37 @@ pub struct ListenerTlsConfig {
     pub server: Arc<crate::tls::TerminateServer>,
 }
 
-/// `[[listener]]`: addresses that accept client connections for one pool.
+impl ListenerConfig {
+    /// Every pool this listener sends connections to: its default, then its routes'.
+    pub fn pools(&self) -> impl Iterator<Item = &str> {
+        self.pool
+            .as_deref()
+            .into_iter()
+            .chain(self.routes.iter().map(|r| r.pool.as_str()))
+    }
+
+    /// Where connections go, in one line for logs and the status page: `POOL`, or with
+    /// routes `a.example,*.b.example -> POOL; otherwise POOL` (`otherwise closed` without a
+    /// default).
+    pub fn destination(&self) -> String {
+        if self.routes.is_empty() {
+            return self.pool.clone().unwrap_or_default();
+        }
+        let mut out: Vec<String> = self
+            .routes
+            .iter()
+            .map(|r| format!("{} -> {}", r.sni.join(","), r.pool))
+            .collect();
+        out.push(match &self.pool {
+            Some(p) => format!("otherwise {p}"),
+            None => "otherwise closed".into(),
+        });
+        out.join("; ")
+    }
+}
+
+/// `[[listener]]`: addresses that accept client connections for a pool (or, with routes,
+/// several).
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     /// Unique name, used in logs and metrics.
@@ -375,8 +440,15 @@ pub struct ListenerConfig {
     pub listen: Vec<SocketAddr>,
     /// What the listener does with the bytes.
     pub mode: Mode,
-    /// Name of the pool connections go to.
-    pub pool: String,
+    /// The pool connections go to: all of them without routes; with routes, those whose
+    /// server name no route names (or that send none). `None`: those are closed.
+    pub pool: Option<String>,
+    /// `[[listener.route]]`s in file order; the first match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Time to receive the PROXY header and (passthrough with routes) the whole ClientHello.
+    pub sni_timeout: Duration,
+    /// Every connection starts with a PROXY protocol header carrying the client's address.
+    pub proxy_protocol: bool,
     /// A connection with no bytes either way for this long is closed.
     pub idle_timeout: Duration,
     /// Passthrough: a client that sends nothing for this long is closed before any backend

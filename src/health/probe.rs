@@ -51,7 +51,13 @@ pub(crate) fn spawn(pool: &Arc<Pool>, stop: &CancellationToken) {
                 let mut leaf = None;
                 let result = tokio::time::timeout(
                     cfg.timeout,
-                    check(&backend, cfg, name.clone(), &mut leaf),
+                    check(
+                        &backend,
+                        cfg,
+                        name.clone(),
+                        &mut leaf,
+                        pool.cfg.send_proxy.is_some(),
+                    ),
                 )
                 .await;
                 if stop.is_cancelled() {
@@ -106,8 +112,9 @@ async fn check(
     cfg: &HealthConfig,
     name: ServerName<'static>,
     leaf: &mut Option<Vec<u8>>,
+    proxy: bool,
 ) -> Result<(), Failed> {
-    let tcp = match TcpStream::connect(backend.addr).await {
+    let mut tcp = match TcpStream::connect(backend.addr).await {
         Ok(t) => t,
         // The gateway's own shortage says nothing about the backend (as for proxied
         // connects, connect.rs): no result at all, rather than a failure.
@@ -115,6 +122,9 @@ async fn check(
         Err(e) => return Err(Failed::Backend(io_reason(&e))),
     };
     let _ = tcp.set_nodelay(true);
+    if proxy {
+        send_local_header(&mut tcp).await.map_err(Failed::Backend)?;
+    }
     let tls_config = match (cfg.check, &cfg.tls) {
         (CheckKind::Tcp, _) => return Ok(()),
         (_, Some(c)) => c.clone(),
@@ -145,11 +155,23 @@ enum Failed {
 
 // === The steps, shared with `apilb probe` (one way to reach and judge a backend) ===
 
-/// A TCP connection to `addr`, or why not in plain words.
-pub(crate) async fn reach(addr: std::net::SocketAddr) -> Result<TcpStream, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| io_reason(&e))?;
+/// A TCP connection to `addr`, or why not in plain words. `proxy`: the backend expects a
+/// PROXY header (`send_proxy`), so a v2 `LOCAL` one goes first: the connection is the
+/// gateway's own.
+pub(crate) async fn reach(addr: std::net::SocketAddr, proxy: bool) -> Result<TcpStream, String> {
+    let mut tcp = TcpStream::connect(addr).await.map_err(|e| io_reason(&e))?;
     let _ = tcp.set_nodelay(true);
+    if proxy {
+        send_local_header(&mut tcp).await?;
+    }
     Ok(tcp)
+}
+
+async fn send_local_header(tcp: &mut TcpStream) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt as _;
+    tcp.write_all(&crate::proxy_protocol::local_header())
+        .await
+        .map_err(|e| format!("writing the PROXY header: {}", io_reason(&e)))
 }
 
 /// A TLS handshake as `config` verifies it, or the failure in the words operators search
