@@ -330,6 +330,17 @@ fn instructions(servers: &[ApiServer], w: &Shown<'_>) -> String {
     );
     let _ = writeln!(
         s,
+        "\nLoad-test the fan-out: 100 simulated kubelets, each with its own node certificate, through the passthrough listener:"
+    );
+    let _ = writeln!(
+        s,
+        "  {} load --kubeconfig {kc} --node-ca-cert {ca} --node-ca-key {} --nodes 100 --duration 60s --admin http://{}",
+        std::env::current_exe().map_or_else(|_| "apilb".to_string(), |p| p.display().to_string()),
+        f.ca_key.display(),
+        w.admin
+    );
+    let _ = writeln!(
+        s,
         "\nToken users and browsers, through the terminate listener (HTTP/2 end to end):"
     );
     let _ = writeln!(

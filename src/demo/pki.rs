@@ -87,6 +87,24 @@ impl Ca {
         })
     }
 
+    /// A CA read back from its certificate and key (PEM), to issue more certificates:
+    /// what `apilb load --node-ca-cert/--node-ca-key` mints node identities with.
+    ///
+    /// # Errors
+    /// The certificate or key does not parse.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, rcgen::Error> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_string(),
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+        })
+    }
+
+    /// The CA's private key, PEM.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
     /// A serving certificate for `sans` (DNS names or IP addresses), valid for `days`.
     ///
     /// # Errors
@@ -175,6 +193,9 @@ pub struct PkiFiles {
     pub dir: PathBuf,
     /// `ca.crt`
     pub ca: PathBuf,
+    /// `ca.key`: the cluster CA's key, for `apilb load --node-ca-key` (the demo's own
+    /// throwaway CA; a real cluster's never leaves its control plane).
+    pub ca_key: PathBuf,
     /// `apiserver.crt`
     pub apiserver_cert: PathBuf,
     /// `apiserver.key`
@@ -226,6 +247,7 @@ impl Pki {
         let files = PkiFiles {
             dir: dir.to_path_buf(),
             ca: dir.join("ca.crt"),
+            ca_key: dir.join("ca.key"),
             apiserver_cert: dir.join("apiserver.crt"),
             apiserver_key: dir.join("apiserver.key"),
             admin_cert: dir.join("admin.crt"),
@@ -237,6 +259,7 @@ impl Pki {
             public_key: dir.join("public.key"),
         };
         write_file(&files.ca, &self.ca.cert_pem, CERT_MODE)?;
+        write_file(&files.ca_key, &self.ca.key_pem(), KEY_MODE)?;
         write_file(&files.apiserver_cert, &self.apiserver.cert_pem, CERT_MODE)?;
         write_file(&files.apiserver_key, &self.apiserver.key_pem, KEY_MODE)?;
         write_file(&files.admin_cert, &self.admin.cert_pem, CERT_MODE)?;
@@ -315,7 +338,12 @@ mod tests {
             std::fs::read_to_string(&victim).expect("read"),
             "do not touch"
         );
-        for key in [&files.admin_key, &files.node_key, &files.public_key] {
+        for key in [
+            &files.ca_key,
+            &files.admin_key,
+            &files.node_key,
+            &files.public_key,
+        ] {
             let meta = std::fs::symlink_metadata(key).expect("meta");
             assert!(
                 meta.file_type().is_file(),
@@ -331,5 +359,26 @@ mod tests {
         }
         let ca = std::fs::metadata(&files.ca).expect("meta");
         assert_eq!(ca.permissions().mode() & 0o777, 0o644);
+    }
+
+    #[test]
+    fn a_ca_read_back_from_its_files_issues_certificates_that_chain() {
+        let pki = Pki::generate().expect("pki");
+        let again = Ca::from_pem(&pki.ca.cert_pem, &pki.ca.key_pem()).expect("read back");
+        let node = again
+            .client("system:node:n1", &["system:nodes"])
+            .expect("issue");
+        let roots = crate::tls::roots_from_pem(pki.ca.cert_pem.as_bytes(), "ca").expect("roots");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            crate::tls::provider(),
+        )
+        .build()
+        .expect("verifier");
+        let chain = crate::tls::certs_from_pem(node.cert_pem.as_bytes(), "node").expect("cert");
+        verifier
+            .verify_client_cert(&chain[0], &[], rustls::pki_types::UnixTime::now())
+            .expect("the minted certificate chains to the original CA");
+        assert!(Ca::from_pem("not a cert", &pki.ca.key_pem()).is_err());
     }
 }
