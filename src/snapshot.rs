@@ -195,7 +195,7 @@ impl ListenerSnapshot {
             listener = %self.cfg.name,
             client = %client,
             backend = %backend.name,
-            route = self.route_name(route),
+            route = self.route_name(route).map(tracing::field::display),
             duration_ms = duration_ms(started),
             bytes_up = r.up,
             bytes_down = r.down,

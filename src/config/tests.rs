@@ -496,3 +496,124 @@ fn shutdown_grace_and_first_byte_timeout_take_durations_and_zero() {
         "{errs:#?}"
     );
 }
+
+const ROUTED: &str = r#"
+[[pool]]
+name = "a"
+  [[pool.backend]]
+  address = "127.0.0.1:1"
+[[pool]]
+name = "b"
+  [[pool.backend]]
+  address = "127.0.0.1:2"
+[[listener]]
+name = "clusters"
+listen = "127.0.0.1:6443"
+"#;
+
+#[test]
+fn routes_are_typed_lower_cased_and_feed_the_names_of_their_pools() {
+    let text = format!(
+        "{ROUTED}pool = \"a\"\nproxy_protocol = true\nsni_timeout = \"2s\"\n\
+         [[listener.route]]\nsni = [\"Lab-B.Example.com.\", \"*.lab-b.example.com\"]\npool = \"b\"\n"
+    );
+    let c = parse(Path::new("t.toml"), &text).expect("valid");
+    let l = &c.listeners[0];
+    assert_eq!(l.pool.as_deref(), Some("a"));
+    assert!(l.proxy_protocol);
+    assert_eq!(l.sni_timeout, Duration::from_secs(2));
+    assert_eq!(
+        l.routes,
+        vec![RouteConfig {
+            sni: vec!["lab-b.example.com".into(), "*.lab-b.example.com".into()],
+            pool: "b".into()
+        }]
+    );
+    assert_eq!(l.pools().collect::<Vec<_>>(), ["a", "b"]);
+    // The exact route name is a name lab-b's certificates must cover (SPEC §8); the
+    // wildcard is not a name.
+    assert_eq!(c.passthrough_names("b"), ["lab-b.example.com"]);
+    // Without routes or proxy_protocol the defaults apply.
+    let c = parse(Path::new("t.toml"), GOOD).expect("valid");
+    assert_eq!(c.listeners[0].sni_timeout, Duration::from_secs(5));
+    assert!(!c.listeners[0].proxy_protocol && c.listeners[0].routes.is_empty());
+}
+
+#[test]
+fn route_mistakes_are_errors_with_their_line() {
+    let route = |sni: &str, pool: &str| {
+        format!("{ROUTED}pool = \"a\"\n[[listener.route]]\nsni = {sni}\npool = \"{pool}\"\n")
+    };
+    one_error(
+        &route("[\"b.example\"]", "nope"),
+        16,
+        "route[0].pool",
+        "unknown pool",
+    );
+    one_error(&route("[]", "b"), 15, "route[0].sni", "at least one name");
+    one_error(
+        &route("[\"*.com\"]", "b"),
+        15,
+        "route[0].sni",
+        "not a DNS name",
+    );
+    one_error(
+        &route("[\"a.*.example\"]", "b"),
+        15,
+        "route[0].sni",
+        "not a DNS name",
+    );
+    one_error(
+        &route("[\"10.0.0.1\"]", "b"),
+        15,
+        "route[0].sni",
+        "not a DNS name",
+    );
+    one_error(
+        &route("[\"b.example\", \"B.example\"]", "b"),
+        15,
+        "route[0].sni",
+        "earlier route",
+    );
+    let two = format!(
+        "{}[[listener.route]]\nsni = [\"b.example\"]\npool = \"a\"\n",
+        route("[\"b.example\"]", "b")
+    );
+    one_error(&two, 18, "route[1].sni", "earlier route");
+    // Neither a default pool nor routes.
+    one_error(ROUTED, 11, "listener[0].pool", "expected pool");
+    one_error(
+        &format!("{ROUTED}pool = \"a\"\nsni_timeout = \"0s\"\nproxy_protocol = true\n"),
+        14,
+        "sni_timeout",
+        "above zero",
+    );
+}
+
+#[test]
+fn a_terminate_route_needs_a_pool_with_tls() {
+    let fx = crate::demo::pki::Pki::generate().expect("pki");
+    let dir = tempfile::tempdir().expect("dir");
+    let files = fx.write_to(dir.path()).expect("write");
+    let text = format!(
+        "[[pool]]\nname = \"a\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[pool.tls]\nca = \"{}\"\n\
+         [[pool]]\nname = \"b\"\n[[pool.backend]]\naddress = \"127.0.0.1:2\"\n\
+         [[listener]]\nname = \"t\"\nlisten = \"127.0.0.1:8443\"\nmode = \"terminate\"\npool = \"a\"\n\
+         [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [[listener.route]]\nsni = [\"b.example\"]\npool = \"b\"\n",
+        files.ca.display(),
+        files.public_cert.display(),
+        files.public_key.display()
+    );
+    one_error(&text, 21, "route[0].pool", "needs [pool.tls]");
+}
+
+#[test]
+fn send_proxy_is_typed_and_warned_about_in_front_of_apiservers() {
+    let text = "[[pool]]\nname = \"p\"\nsend_proxy = \"v2\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n\
+                [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:1234\"\npool = \"p\"\n";
+    let c = parse(Path::new("t.toml"), text).expect("valid");
+    assert_eq!(c.pools[0].send_proxy, Some(SendProxy::V2));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    one_error(&text.replace("\"v2\"", "\"v3\""), 3, "send_proxy", "\"v1\"");
+}
