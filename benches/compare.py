@@ -93,6 +93,10 @@ TARGETS = (
     Target("baseline", "no proxy (the limit)", vs_label="no proxy",
            tls_label="no proxy (nginx TLS direct)", tls_vs_label="no proxy"),
     Target("apilb", "apilb", "apilb"),
+    # The same apilb with an SNI route on every plain listener: each connection's first bytes
+    # are read by the ClientHello reader (not TLS: the default pool) and written ahead of the
+    # relay. What routes cost per connection (SPEC §9).
+    Target("apilb-routes", "apilb + SNI routes", "apilb", {"routes": True}, tls_rows=False),
     Target("haproxy", "HAProxy mode tcp", "haproxy", tls_label="HAProxy `bind ssl`"),
     Target("haproxy-splice", "HAProxy + splice", "haproxy", {"splice": True}, tls_rows=False),
     Target("nginx", "nginx stream", "nginx", tls_label="nginx stream `ssl`"),
@@ -270,7 +274,7 @@ http {{
 """)
 
 
-def apilb_config(args, listen, backend):
+def apilb_config(args, listen, backend, routes=False):
     pki, out = args.pki, []
     for l in LISTENERS:
         out.append(f'[[pool]]\nname = "{l.name}"\n[pool.health]\ninterval = "10s"\n')
@@ -281,6 +285,8 @@ def apilb_config(args, listen, backend):
         out.append(f'[[listener]]\nname = "{l.name}"\nlisten = "127.0.0.1:{listen[l.name]}"\npool = "{l.name}"\n')
         if l.tls:
             out.append(f'mode = "terminate"\n[listener.tls]\ncert = "{pki["server.pem"]}"\nkey = "{pki["server.key"]}"\n')
+        elif routes:
+            out.append(f'[[listener.route]]\nsni = ["elsewhere.example"]\npool = "{l.name}"\n')
     return "".join(out)
 
 
