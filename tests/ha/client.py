@@ -4,7 +4,7 @@ namespace): a loop of short HTTPS requests and a set of held watches, all to the
 each outcome printed as one JSON line on stdout with CLOCK_MONOTONIC times (the same clock
 as the controller's: network namespaces do not change it).
 
-Short requests: every --interval seconds one new TCP connection, a TLS handshake with the
+Short requests: every --interval seconds (each in its own thread) one new TCP connection, a TLS handshake with the
 admin client certificate (passthrough: the apiserver checks it), `GET /whoami`, the whole
 answer read, closed; like one `kubectl get`. Printed: {"k": "req", "t0", "t1", "ok",
 "err", "backend"}. `err` is "refused" (a SYN answered by a reset: nothing listening),
@@ -154,10 +154,27 @@ def short_request(ctx, vip, port):
     emit(rec)
 
 
+MAX_OPEN = 64  # short requests open at once; beyond it a tick is skipped (and printed)
+
+
 def short_loop(ctx, vip, port, interval):
+    """One request every `interval` on a fixed schedule, each in a thread of its own, so a
+    request stuck until its timeout does not hold back the ones after it (which would hide
+    how soon the others succeed again)."""
     nxt = time.monotonic()
+    open_now = threading.BoundedSemaphore(MAX_OPEN)
+
+    def one():
+        try:
+            short_request(ctx, vip, port)
+        finally:
+            open_now.release()
+
     while not stop.is_set():
-        short_request(ctx, vip, port)
+        if open_now.acquire(blocking=False):
+            threading.Thread(target=one, daemon=True).start()
+        else:
+            emit({"k": "skipped", "t": time.monotonic()})
         nxt += interval
         delay = nxt - time.monotonic()
         if delay > 0:

@@ -147,8 +147,9 @@ def kill_in(ns):
 
 
 def clean_leftovers():
-    """Removes the namespaces and temp folders of runs whose script is gone; returns what it
-    removed."""
+    """Removes the namespaces of runs whose script is gone (killed before its cleanup could
+    run), with what still runs in them; returns their names. Their temp folders stay: a run
+    keeps its folder only when it failed, and then it is evidence."""
     removed = []
     for ns in namespaces():
         m = re.match(re.escape(PREFIX) + r"(\d+)[a-z]?-", ns)
@@ -156,12 +157,6 @@ def clean_leftovers():
             kill_in(ns)
             sh("ip", "netns", "del", ns, check=False)
             removed.append(ns)
-    tmp = tempfile.gettempdir()
-    for d in os.listdir(tmp):
-        m = re.match(re.escape(PREFIX) + r"(\d+)-", d)
-        if m and not alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(tmp, d), ignore_errors=True)
-            removed.append(os.path.join(tmp, d))
     return removed
 
 
@@ -783,8 +778,8 @@ class Run:
                         f"planned stop: {r['failed']} short requests failed "
                         f"({r['failed_by_kind']}), {r['cut_by_move']} of them open as the "
                         "address moved; want 0 others")
-            self.expect(r["cut_by_move"] <= 1, f"planned stop: {r['cut_by_move']} requests cut "
-                        "by the move; one request loop has at most one open")
+            self.expect(r["cut_by_move"] <= 2, f"planned stop: {r['cut_by_move']} requests cut "
+                        "by the move; a request every 50 ms has one or two open at a time")
             self.expect(r["moved_s"] is not None and r["moved_s"] < SHUTDOWN_GRACE,
                         f"planned stop: the address moved after {r['moved_s']} s, not within the "
                         f"{SHUTDOWN_GRACE} s grace")
@@ -863,6 +858,7 @@ def main():
         modes.insert(1, "nopreempt")
     report = {"short": args.short, "results": [], "notes": [], "failures": [], "harness_error": None}
     code = 0
+    completed = False
     try:
         for mode in modes:
             run = Run(args, mode, os.path.join(tmp, mode))
@@ -879,7 +875,10 @@ def main():
                 report["results"] += run.results
                 report["notes"] += run.notes
                 report["failures"] += run.failures
+        completed = True
     finally:
+        if not completed:
+            report["failures"].append("interrupted")
         left = [n for n in namespaces() if n.startswith(f"{PREFIX}{os.getpid()}")]
         if left:
             report["failures"].append(f"namespaces left: {left}")
