@@ -211,7 +211,7 @@ fn main() {
         )
         .expect("kubeconfig");
         println!("\nlist profile (open loop, 10 connections): asked, answered/s, p50, p99, generator CPU (cores), errors");
-        let rates: &[u32] = if quick { &[500, 2_000] } else { &[1_000, 2_000, 4_000, 8_000] };
+        let rates: &[u32] = if quick { &[500, 2_000] } else { &[1_000, 4_000, 8_000, 16_000] };
         for &qps in rates {
             let args: Vec<String> = ["--profile", "list", "--qps", &qps.to_string(), "--duration", "10s", "--connections", "10"]
                 .iter()

@@ -84,6 +84,20 @@ impl Filter {
         })
     }
 
+    /// The value an index can find this filter's objects by: for pods the node of a
+    /// `spec.nodeName=X` field selector, for other kinds the name of `metadata.name=X`.
+    pub fn index_key(&self) -> Option<&str> {
+        let field = if self.kind == Kind::Pod {
+            "spec.nodeName"
+        } else {
+            "metadata.name"
+        };
+        self.fields.iter().find_map(|r| match &r.op {
+            Op::Eq(v) if r.key == field && !v.is_empty() => Some(v.as_str()),
+            _ => None,
+        })
+    }
+
     /// Whether `obj` (of this filter's kind) is selected.
     pub fn matches(&self, obj: &Value) -> bool {
         let meta = obj.get("metadata");

@@ -9,7 +9,7 @@
 //! others or the writer. Objects are kept with their JSON already serialised, so a LIST or
 //! an event costs copies of bytes, not serialisation per reader.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -108,8 +108,78 @@ struct Inner {
     history: VecDeque<Arc<Change>>,
     /// Every change up to here has left the history.
     compacted: u64,
-    watchers: Vec<Watcher>,
+    /// By kind and index value ([`Filter::index_key`]); `None` holds the watchers that
+    /// select on something else, which see every change of their kind.
+    watchers: HashMap<(Kind, Option<String>), Vec<Watcher>>,
+    /// Pods by `spec.nodeName` (namespace, name): what a kubelet lists and watches.
+    pods_by_node: HashMap<String, BTreeSet<(String, String)>>,
     uid: u64,
+}
+
+/// The value a watcher or a LIST can be looked up by: a pod's node, another object's name.
+fn index_of(kind: Kind, obj: &Value) -> Option<&str> {
+    match kind {
+        Kind::Pod => obj.get("spec")?.get("nodeName")?.as_str(),
+        _ => meta_str(obj, "name"),
+    }
+}
+
+impl Inner {
+    fn index_pod(&mut self, obj: &Value, add: bool) {
+        let Some(node) = index_of(Kind::Pod, obj) else {
+            return;
+        };
+        let key = (
+            meta_str(obj, "namespace").unwrap_or("").to_string(),
+            meta_str(obj, "name").unwrap_or("").to_string(),
+        );
+        if add {
+            self.pods_by_node
+                .entry(node.to_string())
+                .or_default()
+                .insert(key);
+        } else if let Some(set) = self.pods_by_node.get_mut(node) {
+            set.remove(&key);
+            if set.is_empty() {
+                self.pods_by_node.remove(node);
+            }
+        }
+    }
+
+    /// The objects `filter` selects, through an index when it has one.
+    fn select(&self, filter: &Filter) -> Vec<Stored> {
+        let kind = filter.kind;
+        let pick = |key: &Key| {
+            self.objects
+                .get(key)
+                .filter(|s| filter.matches(&s.value))
+                .cloned()
+        };
+        match (kind, filter.index_key()) {
+            (Kind::Pod, Some(node)) => self
+                .pods_by_node
+                .get(node)
+                .into_iter()
+                .flatten()
+                .filter_map(|(ns, name)| pick(&(kind, ns.clone(), name.clone())))
+                .collect(),
+            (k, Some(name)) if !k.namespaced() => pick(&(kind, String::new(), name.to_string()))
+                .into_iter()
+                .collect(),
+            (_, _) => {
+                let ns = filter.namespace.clone().unwrap_or_default();
+                let lo = (kind, ns.clone(), String::new());
+                self.objects
+                    .range(lo..)
+                    .take_while(|((k, n, _), _)| {
+                        *k == kind && (filter.namespace.is_none() || *n == ns)
+                    })
+                    .filter(|(_, s)| filter.matches(&s.value))
+                    .map(|(_, s)| s.clone())
+                    .collect()
+            }
+        }
+    }
 }
 
 /// The store shared by the simulated apiservers of a process.
@@ -165,7 +235,8 @@ impl Store {
                 objects: BTreeMap::new(),
                 history: VecDeque::new(),
                 compacted: 1,
-                watchers: Vec::new(),
+                watchers: HashMap::new(),
+                pods_by_node: HashMap::new(),
                 uid: 0,
             }),
             limits: StoreLimits {
@@ -227,8 +298,11 @@ impl Store {
     /// Watchers connected right now.
     pub fn watchers(&self) -> usize {
         let mut inner = self.lock();
-        inner.watchers.retain(|w| !w.tx.is_closed());
-        inner.watchers.len()
+        inner.watchers.retain(|_, v| {
+            v.retain(|w| !w.tx.is_closed());
+            !v.is_empty()
+        });
+        inner.watchers.values().map(Vec::len).sum()
     }
 
     /// The current resourceVersion.
@@ -251,30 +325,9 @@ impl Store {
 
     /// Every object of `kind` the filter selects, and the resourceVersion of the list.
     pub fn list(&self, kind: Kind, filter: &Filter) -> (Vec<Stored>, u64) {
+        debug_assert_eq!(kind, filter.kind);
         let inner = self.lock();
-        let items = match &filter.namespace {
-            Some(ns) => {
-                let lo = (kind, ns.clone(), String::new());
-                inner
-                    .objects
-                    .range(lo..)
-                    .take_while(|((k, n, _), _)| *k == kind && n == ns)
-                    .filter(|(_, s)| filter.matches(&s.value))
-                    .map(|(_, s)| s.clone())
-                    .collect()
-            }
-            None => {
-                let lo = (kind, String::new(), String::new());
-                inner
-                    .objects
-                    .range(lo..)
-                    .take_while(|((k, _, _), _)| *k == kind)
-                    .filter(|(_, s)| filter.matches(&s.value))
-                    .map(|(_, s)| s.clone())
-                    .collect()
-            }
-        };
-        (items, inner.rv)
+        (inner.select(filter), inner.rv)
     }
 
     /// Starts a watch of what `filter` selects.
@@ -285,16 +338,11 @@ impl Store {
         let mut inner = self.lock();
         let backlog = match from {
             WatchFrom::Now => Vec::new(),
-            WatchFrom::Any => {
-                let kind = filter.kind;
-                inner
-                    .objects
-                    .range((kind, String::new(), String::new())..)
-                    .take_while(|((k, _, _), _)| *k == kind)
-                    .filter(|(_, s)| filter.matches(&s.value))
-                    .map(|(_, s)| (EventType::Added, s.clone()))
-                    .collect()
-            }
+            WatchFrom::Any => inner
+                .select(&filter)
+                .into_iter()
+                .map(|s| (EventType::Added, s))
+                .collect(),
             WatchFrom::After(rv) if rv < inner.compacted => {
                 return Err(StoreError::Gone(format!(
                     "too old resource version: {rv} ({})",
@@ -317,8 +365,10 @@ impl Store {
             }
         };
         let (tx, rx) = mpsc::channel(self.limits.watcher_buffer);
-        inner.watchers.retain(|w| !w.tx.is_closed());
-        inner.watchers.push(Watcher { filter, tx });
+        let key = (filter.kind, filter.index_key().map(str::to_string));
+        let list = inner.watchers.entry(key).or_default();
+        list.retain(|w| !w.tx.is_closed());
+        list.push(Watcher { filter, tx });
         Ok(Subscription { backlog, rx })
     }
 
@@ -456,6 +506,10 @@ impl Store {
             inner
                 .objects
                 .retain(|(k, n, _), _| !(k.namespaced() && n == name));
+            for set in inner.pods_by_node.values_mut() {
+                set.retain(|(ns, _)| ns != name);
+            }
+            inner.pods_by_node.retain(|_, set| !set.is_empty());
         }
         inner.rv += 1;
         let rv = inner.rv;
@@ -493,25 +547,53 @@ impl Store {
                 inner.compacted = old.rv;
             }
         }
-        let mut slow = 0;
-        inner.watchers.retain(|w| {
-            let Some(t) = w.filter.sees(
-                change.kind,
-                change.event,
-                &change.object.value,
-                change.before.as_deref(),
-            ) else {
-                return !w.tx.is_closed();
-            };
-            match w.tx.try_send((t, change.object.clone())) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    slow += 1;
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+        if kind == Kind::Pod {
+            if let Some(b) = &change.before {
+                inner.index_pod(b, false);
             }
-        });
+            if event != EventType::Deleted {
+                inner.index_pod(&change.object.value, true);
+            }
+        }
+        // Only the watchers that can see this change: those that select on something else,
+        // and those on the object's index value now and before.
+        let mut keys = vec![(kind, None)];
+        for v in [Some(&*change.object.value), change.before.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            let k = (kind, index_of(kind, v).map(str::to_string));
+            if k.1.is_some() && !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        let mut slow = 0;
+        for key in keys {
+            let Some(list) = inner.watchers.get_mut(&key) else {
+                continue;
+            };
+            list.retain(|w| {
+                let Some(t) = w.filter.sees(
+                    change.kind,
+                    change.event,
+                    &change.object.value,
+                    change.before.as_deref(),
+                ) else {
+                    return !w.tx.is_closed();
+                };
+                match w.tx.try_send((t, change.object.clone())) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        slow += 1;
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                }
+            });
+            if list.is_empty() {
+                inner.watchers.remove(&key);
+            }
+        }
         if slow > 0 {
             self.slow_watchers.fetch_add(slow, Ordering::Relaxed);
             tracing::info!(
@@ -697,6 +779,68 @@ mod tests {
         let (t1, _) = sub.rx.try_recv().expect("added");
         let (t2, _) = sub.rx.try_recv().expect("left");
         assert_eq!((t1, t2), (EventType::Added, EventType::Deleted));
+    }
+
+    #[test]
+    fn indexed_lists_and_watches_see_what_a_scan_would() {
+        let store = Store::new(StoreLimits::default());
+        let on = |node: &str| {
+            Filter::new(Kind::Pod, None, "", &format!("spec.nodeName={node}")).expect("f")
+        };
+        assert_eq!(on("n1").index_key(), Some("n1"));
+        let mut n1 = store.watch(on("n1"), WatchFrom::Now).expect("watch");
+        let mut n2 = store.watch(on("n2"), WatchFrom::Now).expect("watch");
+        let mut all = store.watch(all(Kind::Pod), WatchFrom::Now).expect("watch");
+        store
+            .create(Kind::Pod, Some("default"), pod("a", "n1"))
+            .expect("create");
+        store
+            .create(Kind::Pod, Some("kube-system"), pod("b", "n2"))
+            .expect("create");
+        // A pod that moves leaves one node's watch and enters the other's.
+        store
+            .modify(Kind::Pod, Some("default"), "a", |v| {
+                let mut v = v.clone();
+                v["spec"]["nodeName"] = json!("n2");
+                Ok(v)
+            })
+            .expect("move");
+        let drain = |rx: &mut mpsc::Receiver<WatchItem>| {
+            let mut v = Vec::new();
+            while let Ok((t, s)) = rx.try_recv() {
+                v.push((t, meta_str(&s.value, "name").unwrap_or("").to_string()));
+            }
+            v
+        };
+        use EventType::{Added, Deleted};
+        assert_eq!(
+            drain(&mut n1.rx),
+            [(Added, "a".into()), (Deleted, "a".into())]
+        );
+        assert_eq!(
+            drain(&mut n2.rx),
+            [(Added, "b".into()), (Added, "a".into())]
+        );
+        assert_eq!(drain(&mut all.rx).len(), 3);
+        assert!(drain(&mut all.rx).is_empty());
+        let names = |f: &Filter| {
+            let mut v: Vec<String> = store
+                .list(Kind::Pod, f)
+                .0
+                .iter()
+                .filter_map(|s| meta_str(&s.value, "name").map(str::to_string))
+                .collect();
+            v.sort();
+            v
+        };
+        assert!(names(&on("n1")).is_empty());
+        assert_eq!(names(&on("n2")), ["a", "b"]);
+        store
+            .delete(Kind::Namespace, None, "kube-system")
+            .expect("delete namespace");
+        assert_eq!(names(&on("n2")), ["a"]);
+        let node = Filter::new(Kind::Node, None, "", "metadata.name=x").expect("f");
+        assert!(store.list(Kind::Node, &node).0.is_empty());
     }
 
     #[test]
