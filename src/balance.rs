@@ -6,6 +6,7 @@
 //! lock, no allocation per pick. Connect retries call [`Pool::pick`] again with the backends
 //! already tried excluded, so every attempt follows the same algorithm.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BackendConfig, Balance, PoolConfig, WhenAllDown};
 use crate::health::state::{BackendHealth, State};
 use crate::metrics::{BackendMetrics, Metrics};
+use crate::relay::Tracked;
 
 /// Milliseconds on a process-wide monotonic clock.
 pub(crate) fn now_ms() -> u64 {
@@ -52,6 +54,8 @@ pub(crate) struct Backend {
     /// Its own count, shared with renamed copies, rather than the gauge: a renamed backend gets
     /// a new gauge, and a new backend under an old name would share the old one's.
     load: Arc<AtomicU64>,
+    /// Its open passthrough relays, for the rebalancer.
+    pub(crate) relays: Arc<Relays>,
 }
 
 impl Backend {
@@ -77,6 +81,7 @@ impl Backend {
             drain: drain.child_token(),
             ramp_start: AtomicU64::new(0),
             load: Arc::default(),
+            relays: Arc::default(),
         }
     }
 
@@ -94,6 +99,7 @@ impl Backend {
             drain: self.drain.clone(),
             ramp_start: AtomicU64::new(self.ramp_start.load(Ordering::Relaxed)),
             load: self.load.clone(),
+            relays: self.relays.clone(),
         }
     }
 
@@ -126,21 +132,58 @@ impl Backend {
     }
 }
 
-/// Counts one connection as active on a backend for as long as it lives, on every exit path.
+/// The passthrough relays of one backend that the rebalancer may end (SPEC §11), shared
+/// with renamed copies of the backend like its load count. A lock taken twice per
+/// connection (in and out) and once a second by the rebalancer, never per read.
+#[derive(Debug, Default)]
+pub(crate) struct Relays {
+    next: AtomicU64,
+    open: std::sync::Mutex<HashMap<u64, Arc<Tracked>>>,
+}
+
+impl Relays {
+    /// The relays open now.
+    pub(crate) fn snapshot(&self) -> Vec<Arc<Tracked>> {
+        self.open
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Counts one connection as active on a backend for as long as it lives, on every exit path,
+/// and keeps its relay in the backend's [`Relays`] once it has one.
 #[derive(Debug)]
-pub(crate) struct ActiveGuard(Arc<Backend>);
+pub(crate) struct ActiveGuard(Arc<Backend>, u64);
+
+/// [`ActiveGuard`]'s relay id while it has none (a sentinel, not an `Option`: every idle
+/// connection pays for the guard's size).
+const UNTRACKED: u64 = u64::MAX;
 
 impl ActiveGuard {
     /// Marks a new connection to `backend` as active.
     pub(crate) fn new(backend: Arc<Backend>) -> Self {
         backend.load.fetch_add(1, Ordering::Relaxed);
         backend.metrics.active.inc();
-        Self(backend)
+        Self(backend, UNTRACKED)
     }
 
     /// The backend this guard counts against.
     pub(crate) fn backend(&self) -> &Arc<Backend> {
         &self.0
+    }
+
+    /// Registers the connection's relay with its backend, for the rebalancer; it leaves the
+    /// registry when the guard drops.
+    pub(crate) fn track(&mut self) -> Arc<Tracked> {
+        let relays = &self.0.relays;
+        let id = relays.next.fetch_add(1, Ordering::Relaxed) % UNTRACKED;
+        let t = Arc::new(Tracked::new(id));
+        if let Ok(mut m) = relays.open.lock() {
+            m.insert(id, t.clone());
+            self.1 = id;
+        }
+        t
     }
 }
 
@@ -148,6 +191,11 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.load.fetch_sub(1, Ordering::Relaxed);
         self.0.metrics.active.dec();
+        if self.1 != UNTRACKED {
+            if let Ok(mut m) = self.0.relays.open.lock() {
+                m.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -313,6 +361,16 @@ impl Pool {
                 self.pick_among(|i| !tried.contains(&i))
             }
         }
+    }
+
+    /// `backend`'s weight as selection uses it now: its configured weight, times the
+    /// slow-start ramp while one runs.
+    pub(crate) fn effective_weight(&self, backend: &Backend) -> f64 {
+        let w = f64::from(backend.weight);
+        if self.cfg.slow_start.is_zero() || backend.ramp_start.load(Ordering::Relaxed) == 0 {
+            return w;
+        }
+        w * backend.ramp_factor(self.cfg.slow_start, now_ms())
     }
 
     fn pick_among(&self, ok: impl Fn(usize) -> bool) -> Option<usize> {
@@ -503,6 +561,7 @@ mod tests {
                 .collect(),
             health: Default::default(),
             send_proxy: None,
+            rebalance: None,
             tls: None,
         };
         Pool::new(

@@ -20,6 +20,8 @@ pub enum End {
     ConnectFailed,
     /// A socket error such as a reset.
     Error,
+    /// Closed cleanly by the rebalancer: the backend held more than its share (SPEC §11).
+    Rebalanced,
     /// The client sent nothing within `first_byte_timeout`; no backend was contacted.
     ClientSilent,
     /// No route took the client's server name and the listener has no default pool.
@@ -33,12 +35,13 @@ pub enum End {
 impl End {
     /// The ends of a connection that reached a backend, in the order of
     /// `ListenerMetrics::closed`.
-    pub const PROXIED: [Self; 5] = [
+    pub const PROXIED: [Self; 6] = [
         Self::ClientClosed,
         Self::BackendClosed,
         Self::IdleTimeout,
         Self::Drained,
         Self::Error,
+        Self::Rebalanced,
     ];
 
     /// The name used in logs.
@@ -50,6 +53,7 @@ impl End {
             Self::Drained => "drained",
             Self::ConnectFailed => "connect_failed",
             Self::Error => "error",
+            Self::Rebalanced => "rebalanced",
             Self::ClientSilent => "client_silent",
             Self::NoRoute => "no_route",
             Self::SniTimeout => "sni_timeout",

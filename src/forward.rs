@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::close::End;
 use crate::connect::{connect, ConnectError};
-use crate::relay::{drained, relay_tcp};
+use crate::relay::{drained, relay_tracked};
 use crate::snapshot::ListenerSnapshot;
 use crate::sni::{Hello, HelloReader};
 
@@ -215,16 +215,18 @@ pub(crate) async fn serve(
         }
     })
     .await;
-    let Some((backend_stream, guard, tag, sent)) = connected else {
+    let Some((backend_stream, mut guard, tag, sent)) = connected else {
         return;
     };
+    let tracked = guard.track();
     let drain = drained(&state.drain, &guard.backend().drain);
-    let mut r = relay_tcp(
+    let mut r = relay_tracked(
         client,
         backend_stream,
         state.cfg.idle_timeout,
         state.splice,
         drain,
+        tracked,
     )
     .await;
     r.up += u64::from(sent);

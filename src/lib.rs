@@ -50,6 +50,7 @@ mod net;
 mod phase;
 pub mod probe;
 mod proxy_protocol;
+mod rebalance;
 pub mod relay;
 mod reload;
 mod runtime;

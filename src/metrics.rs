@@ -7,7 +7,7 @@
 //! at its end, not per read.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
 
@@ -69,6 +69,11 @@ pub(crate) const BACKEND_CERT_EXPIRY: &str = "apilb_backend_certificate_expiry_t
 pub(crate) const READY: &str = "apilb_ready";
 /// `apilb_pool_fail_open_total{pool}`
 pub(crate) const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
+/// `apilb_pool_connection_skew{pool}`: the largest backend's open connections over its fair
+/// share (SPEC §11).
+pub(crate) const POOL_SKEW: &str = "apilb_pool_connection_skew";
+/// `apilb_pool_rebalanced_total{pool,backend}`
+pub(crate) const POOL_REBALANCED: &str = "apilb_pool_rebalanced_total";
 
 /// Rejection reasons, the `reason` label of [`LISTENER_REJECTED`].
 pub(crate) const REJECT_MAX_CONNECTIONS: &str = "max_connections";
@@ -107,6 +112,8 @@ pub struct Metrics {
     config_info: IntGaugeVec,
     ready: IntGauge,
     listener_closed: IntCounterVec,
+    pool_skew: GaugeVec,
+    pool_rebalanced: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -191,6 +198,22 @@ impl Metrics {
                 BACKEND_BYTES,
                 "Bytes relayed, up (client to backend) and down (backend to client).",
                 &["pool", "backend", "direction"],
+            ),
+            pool_skew: {
+                let g = GaugeVec::new(
+                    Opts::new(POOL_SKEW, "The most loaded healthy backend's open connections divided by its fair share by effective weight (1 = even)."),
+                    &["pool"],
+                )
+                .expect("metric names and labels are static and valid");
+                r.register(Box::new(g.clone()))
+                    .expect("each metric is registered once");
+                g
+            },
+            pool_rebalanced: counter(
+                &r,
+                POOL_REBALANCED,
+                "Connections closed by the rebalancer to move them off a backend holding more than its share.",
+                &["pool", "backend"],
             ),
             pool_fail_open: counter(
                 &r,
@@ -417,6 +440,7 @@ impl Metrics {
             check_duration: self
                 .health_check_duration
                 .with_label_values(&[pool, backend]),
+            rebalanced: self.pool_rebalanced.with_label_values(&[pool, backend]),
         }
     }
 
@@ -433,6 +457,7 @@ impl Metrics {
         let _ = self.backend_cert_covers.remove_label_values(&pb);
         let _ = self.backend_cert_expiry.remove_label_values(&pb);
         let _ = self.health_check_duration.remove_label_values(&pb);
+        let _ = self.pool_rebalanced.remove_label_values(&pb);
         for d in ["up", "down"] {
             let _ = self.backend_bytes.remove_label_values(&[pool, backend, d]);
         }
@@ -444,6 +469,11 @@ impl Metrics {
     /// Sets `apilb_ready`.
     pub(crate) fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
+    }
+
+    /// The skew gauge of one pool.
+    pub(crate) fn pool_skew(&self, pool: &str) -> prometheus::Gauge {
+        self.pool_skew.with_label_values(&[pool])
     }
 
     /// The fail-open counter of one pool.
@@ -478,7 +508,7 @@ pub struct ListenerMetrics {
     /// Lifetime of proxied connections.
     pub duration: Histogram,
     /// Proxied connections by end, indexed like [`crate::close::End::PROXIED`].
-    pub closed: [IntCounter; 5],
+    pub closed: [IntCounter; 6],
     /// Passthrough clients closed for sending nothing within `first_byte_timeout`
     /// (`apilb_listener_closed_total{end="client_silent"}`).
     pub closed_silent: IntCounter,
@@ -541,4 +571,6 @@ pub struct BackendMetrics {
     pub checks_fail: IntCounter,
     /// Duration of active checks.
     pub check_duration: Histogram,
+    /// Connections the rebalancer closed on this backend.
+    pub rebalanced: IntCounter,
 }

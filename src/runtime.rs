@@ -106,6 +106,9 @@ pub(crate) struct Running {
     health: HashMap<String, (String, CancellationToken)>,
     /// Replaced on every reload: the terminate listeners' error summaries.
     health_stop: CancellationToken,
+    /// Cancelled when shutdown begins (before the grace): the rebalancer closes nothing
+    /// from then on.
+    pub(crate) shutting_down: CancellationToken,
     /// Whether passthrough relays may splice (a gateway option).
     splice: bool,
     /// The process-wide connection budget (fixed at start).
@@ -124,6 +127,7 @@ impl Running {
         let mut running = Self {
             metrics,
             health_stop: stop.child_token(),
+            shutting_down: CancellationToken::new(),
             stop,
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -409,6 +413,16 @@ impl Running {
                     loops.insert(p.cfg.name.clone(), (key, token));
                 }
             }
+        }
+        // The rebalancer of every pool (its skew is exported even when it moves nothing),
+        // restarted with the pools on every apply.
+        for p in pools {
+            tokio::spawn(crate::rebalance::run(
+                p.clone(),
+                self.metrics.pool_skew(&p.cfg.name),
+                self.health_stop.clone(),
+                self.shutting_down.clone(),
+            ));
         }
         // Pools that went away.
         for (_, (_, token)) in self.health.drain() {

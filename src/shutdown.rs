@@ -32,6 +32,7 @@ pub(crate) async fn drain(
     lifecycle.enter(Phase::Draining);
     let (stop, drain, tracker, accepts, deadline, grace) = {
         let r = running.lock().await;
+        r.shutting_down.cancel();
         (
             r.stop.clone(),
             r.drain.clone(),

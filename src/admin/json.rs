@@ -38,6 +38,12 @@ pub(crate) fn status_json(view: &View, phase: Phase) -> serde_json::Value {
                 "name": p.cfg.name,
                 "balance": p.cfg.balance.as_str(),
                 "health_check": p.cfg.health.check.as_str(),
+                "connection_skew": (crate::rebalance::current_skew(p) * 100.0).round() / 100.0,
+                "rebalance": p.cfg.rebalance.map(|r| json!({
+                    "max_skew": r.max_skew,
+                    "rate": r.rate,
+                    "min_age_seconds": r.min_age.as_secs(),
+                })),
                 "backends": backends,
             })
         })

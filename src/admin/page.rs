@@ -110,14 +110,19 @@ pub(crate) fn status_html(view: &View, phase: Phase) -> String {
         let healthy = p.backends.iter().filter(|b| b.health.is_healthy()).count();
         let _ = write!(
             h,
-            "<section><h2>Pool {} <span class=reason>{} · {} check · {}/{} healthy</span></h2><table>\
+            "<section><h2>Pool {} <span class=reason>{} · {} check · {}/{} healthy · skew {:.2}{}</span></h2><table>\
              <tr><th>backend</th><th>address</th><th>state</th><th>last check</th><th class=num>active</th>\
              <th class=num>connections</th><th class=num>bytes up</th><th class=num>bytes down</th></tr>",
             esc(&p.cfg.name),
             p.cfg.balance.as_str(),
             p.cfg.health.check.as_str(),
             healthy,
-            p.backends.len()
+            p.backends.len(),
+            crate::rebalance::current_skew(p),
+            match p.cfg.rebalance {
+                Some(r) => format!(" (rebalancing above {:.2})", 1.0 + r.max_skew),
+                None => String::new(),
+            }
         );
         for b in &p.backends {
             backend_row(&mut h, b, false);

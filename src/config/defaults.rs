@@ -20,6 +20,12 @@ pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `[[listener]] max_connections`
 /// `sni_timeout`: time for the PROXY header and the whole ClientHello (SPEC §9).
 pub(crate) const SNI_TIMEOUT: Duration = Duration::from_secs(5);
+/// `[pool.rebalance] max_skew`.
+pub(crate) const REBALANCE_MAX_SKEW: f64 = 0.25;
+/// `[pool.rebalance] rate`: connections closed per second in a pool.
+pub(crate) const REBALANCE_RATE: u32 = 10;
+/// `[pool.rebalance] min_age`.
+pub(crate) const REBALANCE_MIN_AGE: Duration = Duration::from_secs(120);
 /// `[[listener]] max_connections`.
 pub(crate) const MAX_CONNECTIONS: u32 = 50_000;
 /// `[listener.tls] max_handshakes`: a burst of reconnecting clients fits; a flood of

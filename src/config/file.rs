@@ -43,6 +43,15 @@ pub(super) struct FilePool {
     pub(super) health: Option<Spanned<FileHealth>>,
     pub(super) tls: Option<Spanned<FilePoolTls>>,
     pub(super) send_proxy: Option<Spanned<String>>,
+    pub(super) rebalance: Option<Spanned<FileRebalance>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileRebalance {
+    pub(super) max_skew: Option<Spanned<f64>>,
+    pub(super) rate: Option<Spanned<i64>>,
+    pub(super) min_age: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,7 +10,9 @@ use toml::Spanned;
 
 use super::defaults;
 use super::file::FilePool;
-use super::types::{BackendConfig, Balance, CheckKind, PoolConfig, SendProxy, WhenAllDown};
+use super::types::{
+    BackendConfig, Balance, CheckKind, PoolConfig, RebalanceConfig, SendProxy, WhenAllDown,
+};
 use super::validate::{port_hint, Validator};
 
 impl Validator<'_> {
@@ -116,10 +118,41 @@ impl Validator<'_> {
                 ));
             }
         }
+        let rebalance = p.rebalance.map(|r| {
+            let r = r.into_inner();
+            let max_skew = match &r.max_skew {
+                None => defaults::REBALANCE_MAX_SKEW,
+                Some(v) if v.get_ref().is_finite() && (0.01..=10.0).contains(v.get_ref()) => *v.get_ref(),
+                Some(v) => {
+                    self.error(v.span(), k("rebalance.max_skew"), format!(
+                        "expected a number from 0.01 to 10 (0.25: act when a backend holds 25% more than its fair share), not {}",
+                        v.get_ref()
+                    ));
+                    defaults::REBALANCE_MAX_SKEW
+                }
+            };
+            let rate = self.int_in(
+                r.rate.as_ref(),
+                &k("rebalance.rate"),
+                1..=10_000,
+                defaults::REBALANCE_RATE,
+            );
+            let min_age = self.duration_or_off(
+                r.min_age.as_ref(),
+                &k("rebalance.min_age"),
+                defaults::REBALANCE_MIN_AGE,
+            );
+            RebalanceConfig {
+                max_skew,
+                rate,
+                min_age,
+            }
+        });
         Some((
             PoolConfig {
                 name,
                 send_proxy,
+                rebalance,
                 balance,
                 connect_timeout,
                 connect_attempts,

@@ -617,3 +617,49 @@ fn send_proxy_is_typed_and_warned_about_in_front_of_apiservers() {
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     one_error(&text.replace("\"v2\"", "\"v3\""), 3, "send_proxy", "\"v1\"");
 }
+
+#[test]
+fn rebalance_is_typed_with_defaults_and_checked_for_range() {
+    let base =
+        "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[pool.rebalance]\n";
+    let tail = "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:1234\"\npool = \"p\"\n";
+    let c = parse(Path::new("t.toml"), &format!("{base}{tail}")).expect("valid");
+    assert_eq!(
+        c.pools[0].rebalance,
+        Some(RebalanceConfig {
+            max_skew: 0.25,
+            rate: 10,
+            min_age: Duration::from_secs(120)
+        })
+    );
+    let c = parse(
+        Path::new("t.toml"),
+        &format!("{base}max_skew = 1\nrate = 50\nmin_age = \"0s\"\n{tail}"),
+    )
+    .expect("valid");
+    let r = c.pools[0].rebalance.expect("rebalance");
+    assert_eq!((r.max_skew, r.rate, r.min_age), (1.0, 50, Duration::ZERO));
+    assert!(parse(Path::new("t.toml"), GOOD).expect("valid").pools[0]
+        .rebalance
+        .is_none());
+    one_error(
+        &format!("{base}max_skew = 0\n{tail}"),
+        6,
+        "rebalance.max_skew",
+        "0.01 to 10",
+    );
+    one_error(
+        &format!("{base}max_skew = nan\n{tail}"),
+        6,
+        "rebalance.max_skew",
+        "0.01 to 10",
+    );
+    one_error(&format!("{base}rate = 0\n{tail}"), 6, "rebalance.rate", "");
+    one_error(
+        &format!("{base}min_age = \"soon\"\n{tail}"),
+        6,
+        "rebalance.min_age",
+        "",
+    );
+    one_error(&format!("{base}every = \"1s\"\n{tail}"), 6, "", "every");
+}

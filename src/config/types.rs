@@ -322,6 +322,19 @@ pub struct PoolConfig {
     pub tls: Option<PoolTlsConfig>,
     /// `send_proxy`: the PROXY header every backend connection starts with (SPEC §9).
     pub send_proxy: Option<SendProxy>,
+    /// `[pool.rebalance]`: moving surplus long-lived connections (SPEC §11); off when absent.
+    pub rebalance: Option<RebalanceConfig>,
+}
+
+/// `[pool.rebalance]` (SPEC §11).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RebalanceConfig {
+    /// Act when a backend holds more than `(1 + max_skew)` times its fair share.
+    pub max_skew: f64,
+    /// At most this many connections closed per second in the pool.
+    pub rate: u32,
+    /// Never close a connection younger than this.
+    pub min_age: Duration,
 }
 
 /// `send_proxy`: which PROXY protocol header a pool's backends expect.

@@ -17,8 +17,10 @@ mod stream;
 mod tcp;
 
 pub(crate) use buf::ReadAhead;
+pub(crate) use rules::Tracked;
 pub use rules::{drained, Drained};
 pub use stream::relay;
+pub(crate) use tcp::relay_tracked;
 pub use tcp::{relay_tcp, RelayTcp};
 
 /// Pipes kept in the calling thread's splice pool: above zero once a relay on this thread has

@@ -22,6 +22,8 @@ pub(crate) struct Clock {
     /// tokio's clock, so tests can pause it.
     start: Instant,
     last_ms: AtomicU64,
+    /// When the client side last sent anything (the rebalancer's quiet rule, SPEC §11).
+    client_ms: AtomicU64,
 }
 
 impl Clock {
@@ -29,13 +31,28 @@ impl Clock {
         Self {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            client_ms: AtomicU64::new(0),
         }
     }
 
-    /// Notes activity now.
-    pub(crate) fn stamp(&self) {
+    /// Notes activity now; `client`: the bytes came from the client.
+    pub(crate) fn stamp(&self, client: bool) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
+        if client {
+            self.client_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// How long the relay has run.
+    pub(crate) fn age(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// How long the client has sent nothing (since the start, when it never did).
+    pub(crate) fn client_quiet(&self) -> Duration {
+        let since = Duration::from_millis(self.client_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(since)
     }
 
     fn last(&self) -> Instant {
@@ -70,6 +87,53 @@ impl Clock {
 fn deadline(from: Instant, idle: Duration) -> Instant {
     from.checked_add(idle)
         .unwrap_or_else(|| from + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+// === A relay the rebalancer can see and end ===
+
+/// What the rebalancer (SPEC §11) reads of one passthrough relay, and how it asks the relay
+/// to end: the relay's own idle clock (its start and the client's last activity, stamped
+/// by the reads it does anyway) and a flag with a waker. One allocation per connection,
+/// nothing per read beyond the clock's relaxed stores.
+pub(crate) struct Tracked {
+    /// The relay's clock.
+    pub(crate) clock: Clock,
+    /// A key in its backend's registry.
+    pub(crate) id: u64,
+    rebalance: AtomicBool,
+    task: atomic_waker::AtomicWaker,
+}
+
+impl std::fmt::Debug for Tracked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracked").field("id", &self.id).finish()
+    }
+}
+
+impl Tracked {
+    pub(crate) fn new(id: u64) -> Self {
+        Self {
+            clock: Clock::new(),
+            id,
+            rebalance: AtomicBool::new(false),
+            task: atomic_waker::AtomicWaker::new(),
+        }
+    }
+
+    /// Asks the relay to end cleanly (`end=rebalanced`).
+    pub(crate) fn rebalance(&self) {
+        self.rebalance.store(true, Ordering::Release);
+        self.task.wake();
+    }
+
+    /// Whether the rebalancer asked the relay to end; registers the relay's task on its
+    /// first call, so the request wakes it (a task's waker does not change).
+    pub(crate) fn asked(&self, cx: &Context<'_>, first: bool) -> bool {
+        if first {
+            self.task.register(cx.waker());
+        }
+        self.rebalance.load(Ordering::Acquire)
+    }
 }
 
 // === The end rules ===
@@ -229,7 +293,7 @@ mod tests {
         let mut sleep = std::pin::pin!(clock.first_deadline(idle));
         let mut cx = Context::from_waker(std::task::Waker::noop());
         tokio::time::advance(Duration::from_secs(6)).await;
-        clock.stamp();
+        clock.stamp(true);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(
             !clock.poll_idle(sleep.as_mut(), idle, &mut cx),

@@ -34,8 +34,14 @@ where
     let clock = Clock::new();
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
-    let mut up = pin!(pump(&mut client_r, &mut backend_w, &up_bytes, &clock));
-    let mut down = pin!(pump(&mut backend_r, &mut client_w, &down_bytes, &clock));
+    let mut up = pin!(pump(&mut client_r, &mut backend_w, &up_bytes, &clock, true));
+    let mut down = pin!(pump(
+        &mut backend_r,
+        &mut client_w,
+        &down_bytes,
+        &clock,
+        false
+    ));
     let mut ends = Ends::default();
     let mut idle_sleep = pin!(clock.first_deadline(idle));
     let mut drain = pin!(Watched::new(drain));
@@ -88,6 +94,7 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     to: &mut W,
     bytes: &AtomicU64,
     clock: &Clock,
+    up: bool,
 ) -> io::Result<()> {
     loop {
         let mut first = [0u8; 1];
@@ -96,7 +103,7 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let _ = to.shutdown().await;
             return Ok(());
         }
-        clock.stamp();
+        clock.stamp(up);
         let mut buf = BufPool::take();
         buf[0] = first[0];
         // Whatever else is ready now, without waiting: an error or EOF here shows again on

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::buf::{read_draining, retry, BufPool};
-use super::rules::{Clock, Ends, Watched};
+use super::rules::{Clock, Ends, Tracked, Watched};
 #[cfg(target_os = "linux")]
 use super::splice;
 use crate::close::{End, Relayed};
@@ -45,17 +46,55 @@ pub fn relay_tcp<D: Future<Output = ()>>(
     splice: bool,
     drain: D,
 ) -> RelayTcp<D> {
-    let clock = Clock::new();
+    relay_tracked(
+        client,
+        backend,
+        idle,
+        splice,
+        drain,
+        Arc::new(Tracked::new(0)),
+    )
+}
+
+/// [`relay_tcp`] with its clock and end request in `tracked`, which the connection's
+/// backend registry shares with the rebalancer (SPEC §11). Asked to end, the relay discards
+/// what the peers sent and it has not read, so that closing sends FIN and not RST, shuts
+/// both sockets down for writing, and ends with [`End::Rebalanced`].
+pub(crate) fn relay_tracked<D: Future<Output = ()>>(
+    client: TcpStream,
+    backend: TcpStream,
+    idle: Duration,
+    splice: bool,
+    drain: D,
+    tracked: Arc<Tracked>,
+) -> RelayTcp<D> {
     RelayTcp {
         client,
         backend,
         up: Flow::new(splice),
         down: Flow::new(splice),
-        idle_sleep: clock.first_deadline(idle),
-        clock,
+        idle_sleep: tracked.clock.first_deadline(idle),
+        tracked,
+        watching: false,
         ends: Ends::default(),
         idle,
         drain: Watched::new(drain),
+    }
+}
+
+/// Ends a relay the rebalancer chose: unread bytes discarded (a bounded amount: the client
+/// was quiet, and what a backend sent in the last instant is re-sent to the client's next
+/// watch), then FIN to both sides.
+fn end_cleanly(client: &TcpStream, backend: &TcpStream) {
+    let mut scratch = [0u8; 4096];
+    for s in [client, backend] {
+        for _ in 0..16 {
+            match s.try_read(&mut scratch) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
     }
 }
 
@@ -66,7 +105,9 @@ pin_project_lite::pin_project! {
         backend: TcpStream,
         up: Flow,
         down: Flow,
-        clock: Clock,
+        tracked: Arc<Tracked>,
+        // Whether the task's waker is registered with `tracked`.
+        watching: bool,
         ends: Ends,
         idle: Duration,
         #[pin]
@@ -94,7 +135,7 @@ impl<D: Future<Output = ()>> Future for RelayTcp<D> {
                 // When the other direction is done too, both sockets are closed next, which
                 // sends the FIN without a shutdown call of its own.
                 let pass_eof = !this.ends.is_done(!up);
-                match flow.poll(cx, from, to, pass_eof, this.clock) {
+                match flow.poll(cx, from, to, pass_eof, &this.tracked.clock, up) {
                     Poll::Ready(Ok(())) => {
                         if let Some(end) = this.ends.eof(up) {
                             break 'end (end, None);
@@ -105,10 +146,16 @@ impl<D: Future<Output = ()>> Future for RelayTcp<D> {
                 }
             }
             if this
+                .tracked
                 .clock
                 .poll_idle(this.idle_sleep.as_mut(), *this.idle, cx)
             {
                 break 'end (End::IdleTimeout, None);
+            }
+            let first = !std::mem::replace(this.watching, true);
+            if this.tracked.asked(cx, first) {
+                end_cleanly(this.client, this.backend);
+                break 'end (End::Rebalanced, None);
             }
             if this.drain.as_mut().poll(cx).is_ready() {
                 break 'end (End::Drained, None);
@@ -175,6 +222,7 @@ impl Flow {
         to: &TcpStream,
         pass_eof: bool,
         clock: &Clock,
+        up: bool,
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.flush(cx, to))?;
@@ -189,7 +237,7 @@ impl Flow {
                             return eof_reached(to, pass_eof);
                         }
                         Ok(len) => {
-                            clock.stamp();
+                            clock.stamp(up);
                             self.bulk = len >= SMALL_SPLICE;
                             self.held = Held::Pipe { pipe, len };
                         }
@@ -215,7 +263,7 @@ impl Flow {
                     return eof_reached(to, pass_eof);
                 }
                 Ok(got) => {
-                    clock.stamp();
+                    clock.stamp(up);
                     self.bulk = self.splice && got == buf.len();
                     self.held = Held::Buf {
                         buf,
