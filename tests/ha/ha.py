@@ -394,7 +394,13 @@ def keepalived_config(gw, nopreempt=False):
     text = open(os.path.join(ROOT, "config", "keepalived.conf")).read()
     pairs = [("192.168.1.10/24", f"{VRRP_VIP}/24")]
     if gw == "gw2":
-        pairs += [("router_id apilb-gw1", "router_id apilb-gw2"), ("priority 150", "priority 100")]
+        # The priorities as the file has them: its own line, and the one its comment gives gw2.
+        mine = re.search(r"^\s*priority (\d+)", text, re.M)
+        second = re.search(r"set state BACKUP and priority (\d+)", text)
+        if not (mine and second):
+            raise HarnessError("config/keepalived.conf: no priority, or no comment with gw2's")
+        pairs += [("router_id apilb-gw1", "router_id apilb-gw2"),
+                  (f"priority {mine.group(1)}\n", f"priority {second.group(1)}\n")]
     if nopreempt:
         pairs += [("state MASTER", "state BACKUP\n    nopreempt")]
     elif gw == "gw2":
