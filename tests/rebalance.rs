@@ -222,11 +222,12 @@ async fn with_rebalance_the_surplus_moves_at_rate_cleanly_and_nothing_is_lost() 
     // 150 over three: fair 50, and at 75/75/0 the two hold 25 too many each; they must
     // come down to at most 62 (1.25 x 50), 26 moves at 5 a second: about 6 s, plus the
     // 2 s min_age of the connections that came back, plus a few.
-    eventually(20, "every backend within max_skew", || {
+    let took = eventually(20, "every backend within max_skew", || {
         (0..3).all(|i| active(&gw, &format!("b{i}")) <= 62.0)
             && seen.open.load(Ordering::SeqCst) == 150
     })
     .await;
+    eprintln!("rebalanced within max_skew {took:?} after the backend was back");
     // Let the last round settle.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(skew(&gw) <= 1.25, "skew {}", skew(&gw));
@@ -247,6 +248,7 @@ async fn with_rebalance_the_surplus_moves_at_rate_cleanly_and_nothing_is_lost() 
         "every rebalanced connection ended at a client, and only those"
     );
     assert!(ends.len() >= 26, "moved {}", ends.len());
+    eprintln!("moved {} connections", ends.len());
     // Orderly ends only: no reset, no error.
     assert_eq!(
         seen.errors.load(Ordering::SeqCst),
