@@ -695,3 +695,83 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
             .find(|f| f.is_file())
     })
 }
+
+#[tokio::test]
+async fn an_nginx_backend_with_proxy_protocol_logs_the_real_client_and_passes_checks() {
+    assert!(
+        which("nginx").is_some(),
+        "nginx is not installed: .ci/run installs it"
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let log = tmp.path().join("access.log");
+    let conf = format!(
+        "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n\
+           log_format pp '$proxy_protocol_addr:$proxy_protocol_port $remote_addr $status';\n\
+           server {{\n    listen 127.0.0.1:{port} proxy_protocol;\n    access_log {log} pp;\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+        dir = tmp.path().display(),
+        log = log.display(),
+    );
+    let conf_path = tmp.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).expect("write");
+    let _nginx = KillOnDrop(
+        std::process::Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nginx"),
+    );
+    let backend: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let cfg = format!(
+        "[[pool]]\nname = \"p\"\nsend_proxy = \"v2\"\n{}\n[pool.health]\ncheck = \"tcp\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n\
+         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\n",
+        backends_toml(&[backend])
+    );
+    // nginx binds as it starts; the gateway's first check waits for it.
+    within(10, "nginx listening", async {
+        while TcpStream::connect(backend).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let gw = gateway(&cfg).await;
+    gw.first_check("p", "b0").await;
+    let (line, me) = line_from(
+        gw.addr(),
+        "127.0.0.13:0",
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(line.contains("200"), "{line}");
+    // Its health checks (v2 LOCAL headers) pass, again and again.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        gw.metric("apilb_backend_healthy", &[("pool", "p"), ("backend", "b0")]),
+        1.0
+    );
+    assert!(
+        gw.metric(
+            "apilb_health_checks_total",
+            &[("pool", "p"), ("backend", "b0"), ("result", "pass")]
+        ) >= 2.0
+    );
+    let logged = within(10, "nginx access line", async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if !text.is_empty() {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // nginx saw the gateway's address, and the client's in the PROXY header.
+    assert!(
+        logged.contains(&format!("{}:{} 127.0.0.1 200", me.ip(), me.port())),
+        "{logged}"
+    );
+}
