@@ -104,6 +104,11 @@ class HarnessError(Exception):
     """The test could not be set up or driven: not a finding about apilb."""
 
 
+class ScenarioFailed(Exception):
+    """A scenario did not end (the address did not move, or watches or requests did not come
+    back): a finding, already recorded; the scenarios after it would measure nothing."""
+
+
 try:
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):
@@ -687,13 +692,18 @@ class Run:
         held = {gw: self.active(gw) for gw in GW_ADDR}
         t0 = time.monotonic()
         extra = action() or {}
-        wait_for(f"{name}: the address on {sorted(want)}", lambda: self.holder.current() == want,
-                 SCENARIO_TIMEOUT)
-        # A watch whose gateway lost the address learns it only by hearing nothing for STALL.
-        time.sleep(STALL + 1)
-        wait_for(f"{name}: every watch up and {SETTLE_OK:.0f}s of good requests",
-                 lambda: self.client.watches_up() == self.args.watches
-                 and self.client.ok_for(SETTLE_OK), SCENARIO_TIMEOUT)
+        try:
+            wait_for(f"{name}: the address on {sorted(want)}",
+                     lambda: self.holder.current() == want, SCENARIO_TIMEOUT)
+            # A watch whose gateway lost the address learns it only by hearing nothing for STALL.
+            time.sleep(STALL + 1)
+            wait_for(f"{name}: every watch up and {SETTLE_OK:.0f}s of good requests",
+                     lambda: self.client.watches_up() == self.args.watches
+                     and self.client.ok_for(SETTLE_OK), SCENARIO_TIMEOUT)
+        except HarnessError as e:
+            self.expect(False, f"{e} (watches up: {self.client.watches_up()}, address on "
+                        f"{sorted(self.holder.current())})")
+            raise ScenarioFailed() from e
         t1 = time.monotonic()
         r = summarise(name, self.client.since(t0), t0, t1, self.holder, want, self.args.watches)
         r["mode"] = self.mode
@@ -871,6 +881,9 @@ def main():
             os.makedirs(run.tmp)
             try:
                 run.run(args.short)
+            except ScenarioFailed:
+                for p in run.procs.started:
+                    print(f"--- {p.name} (exit {p.poll()}):\n{log_tail(p.log, 1500)}", file=sys.stderr)
             except HarnessError as e:
                 report["harness_error"] = f"[{mode}] {e}"
                 print(f"harness error: [{mode}] {e}", file=sys.stderr)
