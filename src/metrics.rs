@@ -412,6 +412,9 @@ impl Metrics {
                 handshake_limit: self
                     .tls_handshake_errors
                     .with_label_values(&[listener, "handshake_limit"]),
+                client_certificate: self
+                    .tls_handshake_errors
+                    .with_label_values(&[listener, "client_certificate"]),
             },
         }
     }
@@ -532,6 +535,9 @@ pub struct TlsErrorMetrics {
     pub client_alpn: IntCounter,
     /// Closed at once: `max_handshakes` clients were already in their handshake.
     pub handshake_limit: IntCounter,
+    /// The client's certificate did not verify against `client_ca`, or it sent none where
+    /// `require_client_cert` asks for one (SPEC §10).
+    pub client_certificate: IntCounter,
 }
 
 impl TlsErrorMetrics {
@@ -543,6 +549,7 @@ impl TlsErrorMetrics {
             + self.backend_tls.get()
             + self.client_alpn.get()
             + self.handshake_limit.get()
+            + self.client_certificate.get()
     }
 }
 

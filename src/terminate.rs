@@ -217,7 +217,11 @@ async fn establish(
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            errors.client_handshake.inc();
+            if bad_client_certificate(&e) {
+                errors.client_certificate.inc();
+            } else {
+                errors.client_handshake.inc();
+            }
             tracing::debug!(listener, client = %client_addr, error = %e, "client TLS handshake failed");
             return None;
         }
@@ -307,6 +311,15 @@ fn refused_alpn(e: &io::Error) -> bool {
     )
 }
 
+/// Whether a client handshake failed on the client's certificate (`client_ca`): one that
+/// does not verify, or none where one is required.
+fn bad_client_certificate(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+    )
+}
+
 /// Whether a failed ClientHello read means the peer does not speak TLS at all.
 fn is_not_tls(e: &io::Error) -> bool {
     matches!(
@@ -336,6 +349,7 @@ pub(crate) async fn report_errors(state: Arc<ListenerSnapshot>, stop: Cancellati
                 client_handshake = t.client_handshake.get(),
                 backend_tls = t.backend_tls.get(),
                 client_alpn = t.client_alpn.get(),
+                client_certificate = t.client_certificate.get(),
                 handshake_limit = t.handshake_limit.get(),
                 "TLS clients failed before relaying in the last minute (totals by reason since start)"
             );

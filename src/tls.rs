@@ -104,7 +104,21 @@ pub struct Identity {
     key: PrivateKeyDer<'static>,
 }
 
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
 impl Identity {
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
     /// Pairs a chain with its key.
     ///
     /// # Errors
@@ -312,7 +326,7 @@ impl rustls::server::ResolvesServerCert for SniResolver {
 }
 
 /// A terminate listener's server configurations: TLS 1.2 and 1.3 (rustls's safe defaults),
-/// no client certificate requested, and the ALPN answer fixed to what the backend chose.
+/// a client certificate asked for only with `client_ca`, and the ALPN answer fixed to what the backend chose.
 /// The usual answers are built once; they share one session cache so resumption works
 /// whatever protocol a client ends up with.
 #[derive(Debug)]
@@ -325,6 +339,8 @@ pub struct TerminateServer {
     /// Offers only the protocols the gateway relays, so a client naming none of them gets
     /// rustls's `no_application_protocol` alert.
     known: Arc<rustls::ServerConfig>,
+    /// Verifies client certificates (`client_ca`), when asked for.
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 impl TerminateServer {
@@ -333,9 +349,21 @@ impl TerminateServer {
     /// # Errors
     /// rustls refused the protocol versions (it does not for the defaults).
     pub fn new(certs: Arc<SniResolver>) -> Result<Self, rustls::Error> {
+        Self::with_clients(certs, None)
+    }
+
+    /// As [`new`](Self::new), asking clients for a certificate verified by `clients` (SPEC
+    /// §10 `client_ca`).
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn with_clients(
+        certs: Arc<SniResolver>,
+        clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> Result<Self, rustls::Error> {
         let sessions: Arc<dyn rustls::server::StoresServerSessions> =
             rustls::server::ServerSessionMemoryCache::new(4096);
-        let build = |alpn: Option<&[u8]>| Self::build(&certs, &sessions, alpn);
+        let build = |alpn: Option<&[u8]>| Self::build(&certs, &sessions, &clients, alpn);
         Ok(Self {
             none: build(None)?,
             h2: build(Some(b"h2"))?,
@@ -347,18 +375,23 @@ impl TerminateServer {
             },
             certs: certs.clone(),
             sessions: sessions.clone(),
+            clients,
         })
     }
 
     fn build(
         certs: &Arc<SniResolver>,
         sessions: &Arc<dyn rustls::server::StoresServerSessions>,
+        clients: &Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
         alpn: Option<&[u8]>,
     ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(certs.clone());
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?;
+        let builder = match clients {
+            Some(v) => builder.with_client_cert_verifier(v.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(certs.clone());
         config.alpn_protocols = alpn.map(<[u8]>::to_vec).into_iter().collect();
         config.session_storage = sessions.clone();
         Ok(Arc::new(config))
@@ -382,9 +415,46 @@ impl TerminateServer {
             None => Ok(self.none.clone()),
             Some(b"h2") => Ok(self.h2.clone()),
             Some(b"http/1.1") => Ok(self.http11.clone()),
-            Some(other) => Self::build(&self.certs, &self.sessions, Some(other)),
+            Some(other) => Self::build(&self.certs, &self.sessions, &self.clients, Some(other)),
         }
     }
+}
+
+/// Whether certificate `der` was issued by one of the CAs in `roots` (its issuer is one of
+/// their subjects): the `[listener.identity]` check of SPEC §10.
+pub fn issued_by_one_of(der: &[u8], roots: &RootCertStore) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let issuer = cert.issuer().as_raw();
+    roots.roots.iter().any(|ta| {
+        ta.subject.as_ref() == issuer
+            || strip_sequence(ta.subject.as_ref()) == Some(issuer)
+            || strip_sequence(issuer) == Some(ta.subject.as_ref())
+    })
+}
+
+/// The contents of a DER SEQUENCE (webpki keeps trust-anchor subjects without the outer
+/// tag and length; x509-parser's raw names include them).
+fn strip_sequence(der: &[u8]) -> Option<&[u8]> {
+    let (&tag, rest) = der.split_first()?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (&len, rest) = rest.split_first()?;
+    let (n, rest) = if len < 0x80 {
+        (usize::from(len), rest)
+    } else {
+        let k = usize::from(len & 0x7f);
+        if k == 0 || k > 4 || rest.len() < k {
+            return None;
+        }
+        let n = rest[..k]
+            .iter()
+            .fold(0usize, |a, b| (a << 8) | usize::from(*b));
+        (n, &rest[k..])
+    };
+    (rest.len() == n).then_some(rest)
 }
 
 /// The names a certificate's SANs cover: DNS names (lower case) and IP addresses.

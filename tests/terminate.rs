@@ -636,3 +636,111 @@ async fn handshakes_in_progress_are_capped_apart_from_max_connections() {
     assert_eq!(status, 200);
     gw.shutdown().await;
 }
+
+/// SPEC §10 `client_ca` without `[listener.identity]`: certificates are verified (and with
+/// `require_client_cert` demanded), but the identity is not passed on.
+#[tokio::test]
+async fn client_ca_verifies_client_certificates_and_require_refuses_clients_without() {
+    let e = TlsFixture::new();
+    let servers = apiservers(&e.pki, 1, "127.0.0.1").await;
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
+    let ca = e.ca().display().to_string();
+    let optional = gateway(&terminate_config(
+        &e,
+        &addrs,
+        "",
+        &format!("client_ca = \"{ca}\""),
+    ))
+    .await;
+    // No certificate: fine when not required; the apiserver sees the gateway's connection,
+    // which lends no identity.
+    let who = who_at(optional.addr(), e.public_client(None, &["http/1.1"])).await;
+    assert_eq!(who.authenticated_by, "anonymous");
+    // A certificate from the cluster CA verifies (and is not passed on).
+    let who = who_at(
+        optional.addr(),
+        e.public_client(Some(&e.pki.admin), &["http/1.1"]),
+    )
+    .await;
+    assert_eq!(who.authenticated_by, "anonymous");
+    // A certificate from an unrelated CA fails the handshake, counted by its reason.
+    let stranger = Ca::new("stranger").expect("ca");
+    let foreign = stranger
+        .client("mallory", &["system:masters"])
+        .expect("cert");
+    let r = within(10, "handshake", async {
+        let s = tls_connect(
+            optional.addr(),
+            e.public_client(Some(&foreign), &["http/1.1"]),
+            "localhost",
+        )
+        .await;
+        match s {
+            // TLS 1.3: the client learns of the rejection on its first read.
+            Ok(mut s) => {
+                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                let mut b = [0u8; 16];
+                s.read(&mut b).await.map(|n| n > 0).unwrap_or(false)
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(!r, "a foreign client certificate must be refused");
+    eventually(5, "client_certificate counted", || {
+        optional.metric(
+            "apilb_tls_handshake_errors_total",
+            &[("listener", "l"), ("reason", "client_certificate")],
+        ) == 1.0
+    })
+    .await;
+
+    let required = gateway(&terminate_config(
+        &e,
+        &addrs,
+        "",
+        &format!("client_ca = \"{ca}\"\nrequire_client_cert = true"),
+    ))
+    .await;
+    let who = who_at(
+        required.addr(),
+        e.public_client(Some(&e.pki.node), &["http/1.1"]),
+    )
+    .await;
+    assert_eq!(who.backend, "apiserver-0");
+    let refused = within(10, "handshake", async {
+        match tls_connect(
+            required.addr(),
+            e.public_client(None, &["http/1.1"]),
+            "localhost",
+        )
+        .await
+        {
+            Ok(mut s) => {
+                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                let mut b = [0u8; 16];
+                !s.read(&mut b).await.map(|n| n > 0).unwrap_or(false)
+            }
+            Err(_) => true,
+        }
+    })
+    .await;
+    assert!(
+        refused,
+        "require_client_cert must refuse a client without one"
+    );
+    eventually(5, "client_certificate counted", || {
+        required.metric(
+            "apilb_tls_handshake_errors_total",
+            &[("listener", "l"), ("reason", "client_certificate")],
+        ) == 1.0
+    })
+    .await;
+}
+
+/// `GET /whoami` through a terminate listener (the public certificate names `localhost`).
+async fn who_at(addr: SocketAddr, cfg: std::sync::Arc<rustls::ClientConfig>) -> WhoAmI {
+    let (status, body) = https_get(addr, cfg, "localhost", "/whoami", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("whoami JSON")
+}

@@ -189,6 +189,19 @@ impl Validator<'_> {
         key_key: &str,
     ) -> Option<crate::tls::Identity> {
         let source = format!("{}/health_client_cert", self.scope);
+        self.identity_as(cert, key, cert_key, key_key, &source)
+    }
+
+    /// [`identity`](Self::identity) for another use, named `source` in the certificate list.
+    pub(super) fn identity_as(
+        &mut self,
+        cert: &Spanned<String>,
+        key: &Spanned<String>,
+        cert_key: &str,
+        key_key: &str,
+        source: &str,
+    ) -> Option<crate::tls::Identity> {
+        let source = source.to_string();
         self.pem_pair(
             cert,
             key,

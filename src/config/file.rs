@@ -107,6 +107,7 @@ pub(super) struct FileListener {
     pub(super) names: Option<Spanned<Vec<String>>>,
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) tls: Option<Spanned<FileListenerTls>>,
+    pub(super) identity: Option<Spanned<FileIdentity>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +127,18 @@ pub(super) struct FileListenerTls {
     pub(super) alpn: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     pub(super) sni: Vec<Spanned<FileSni>>,
+    pub(super) client_ca: Option<Spanned<String>>,
+    pub(super) require_client_cert: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileIdentity {
+    pub(super) client_cert: Spanned<String>,
+    pub(super) client_key: Spanned<String>,
+    pub(super) user_header: Option<Spanned<String>>,
+    pub(super) group_header: Option<Spanned<String>>,
+    pub(super) extra_header_prefix: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use super::defaults;
-use super::file::{FileListener, FileListenerTls, FileRoute, OneOrMany};
-use super::types::{ListenerConfig, ListenerTlsConfig, Mode, RouteConfig};
+use super::file::{FileIdentity, FileListener, FileListenerTls, FileRoute, OneOrMany};
+use super::types::{IdentityConfig, ListenerConfig, ListenerTlsConfig, Mode, RouteConfig};
 use super::validate::{Seen, Validator};
 
 /// The most routes per listener, and names per route.
@@ -143,6 +143,9 @@ impl Validator<'_> {
                 "first_byte_timeout is for passthrough listeners: a terminate listener has [listener.tls] handshake_timeout",
             );
         }
+        let identity = l
+            .identity
+            .map(|id| self.identity_mode(i, id, mode, tls.as_ref()));
         let max_connections = self.int_in(
             l.max_connections.as_ref(),
             &format!("listener[{i}].max_connections"),
@@ -163,7 +166,80 @@ impl Validator<'_> {
             names,
             max_connections,
             tls,
+            identity: identity.flatten(),
         }
+    }
+
+    /// `[listener.identity]` of listener `i` (SPEC §10): terminate only; its certificate must
+    /// not come from a CA of `client_ca`, or an apiserver trusting that CA for client
+    /// certificates would take every request without identity headers as the gateway's own.
+    fn identity_mode(
+        &mut self,
+        i: usize,
+        id: Spanned<FileIdentity>,
+        mode: Mode,
+        tls: Option<&ListenerTlsConfig>,
+    ) -> Option<IdentityConfig> {
+        let span = id.span();
+        let id = id.into_inner();
+        let k = |key: &str| format!("listener[{i}].identity.{key}");
+        if mode != Mode::Terminate {
+            self.error(span, format!("listener[{i}].identity"), "[listener.identity] needs mode = \"terminate\": only a terminating listener sees the requests and the client's certificate");
+            return None;
+        }
+        let source = format!("{}/identity_client_cert", self.scope);
+        let client = self.identity_as(
+            &id.client_cert,
+            &id.client_key,
+            &k("client_cert"),
+            &k("client_key"),
+            &source,
+        )?;
+        if let (Some(roots), Some(leaf)) = (
+            tls.and_then(|t| t.client_ca.as_ref()),
+            client.chain().first(),
+        ) {
+            if crate::tls::issued_by_one_of(leaf.as_ref(), roots) {
+                self.error(id.client_cert.span(), k("client_cert"), format!(
+                    "{} was issued by a CA in client_ca: an apiserver that trusts that CA for client certificates would take every request without identity headers (token users, anonymous ones) as the gateway's own identity; use kubeadm's front-proxy-client certificate, from the front-proxy CA",
+                    self.path(id.client_cert.get_ref()).display()
+                ));
+            }
+        }
+        let mut header = |v: &Option<Spanned<String>>, key: &str, default: &str| -> String {
+            let Some(v) = v else {
+                return default.to_string();
+            };
+            let name = v.get_ref().trim().to_string();
+            if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() || name.is_empty() {
+                self.error(
+                    v.span(),
+                    k(key),
+                    format!("{name:?} is not an HTTP header name"),
+                );
+            }
+            name
+        };
+        let user_header = header(&id.user_header, "user_header", "X-Remote-User");
+        let group_header = header(&id.group_header, "group_header", "X-Remote-Group");
+        let extra_header_prefix = header(
+            &id.extra_header_prefix,
+            "extra_header_prefix",
+            "X-Remote-Extra-",
+        );
+        if user_header.eq_ignore_ascii_case(&group_header) {
+            self.error(
+                span,
+                k("group_header"),
+                "user_header and group_header must differ",
+            );
+        }
+        Some(IdentityConfig {
+            client,
+            user_header,
+            group_header,
+            extra_header_prefix,
+        })
     }
 
     /// A pool a listener or one of its routes names: it exists, and has `[pool.tls]` for
@@ -343,7 +419,55 @@ impl Validator<'_> {
                 );
             }
         }
-        let server = match crate::tls::TerminateServer::new(certs.clone()) {
+        let client_ca = t.client_ca.as_ref().and_then(|c| {
+            let key = k("client_ca");
+            let (path, pem) = self.read(c, &key)?;
+            match crate::tls::roots_from_pem(&pem, &path.display().to_string()) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    self.error(
+                        c.span(),
+                        &key,
+                        format!("{e}: expected a PEM bundle of one or more CA certificates"),
+                    );
+                    None
+                }
+            }
+        });
+        let require_client_cert = t.require_client_cert.as_ref().is_some_and(|v| *v.get_ref());
+        if let (Some(v), None) = (&t.require_client_cert, &t.client_ca) {
+            if *v.get_ref() {
+                self.error(v.span(), k("require_client_cert"), "require_client_cert needs client_ca: the bundle the client certificates are verified against");
+            }
+        }
+        let verifier = match &client_ca {
+            None => None,
+            Some(roots) => {
+                let b = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.clone(),
+                    crate::tls::provider(),
+                );
+                let b = if require_client_cert {
+                    b
+                } else {
+                    b.allow_unauthenticated()
+                };
+                match b.build() {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        if let Some(c) = &t.client_ca {
+                            self.error(
+                                c.span(),
+                                k("client_ca"),
+                                format!("cannot verify clients with it: {e}"),
+                            );
+                        }
+                        None
+                    }
+                }
+            }
+        };
+        let server = match crate::tls::TerminateServer::with_clients(certs.clone(), verifier) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 self.error(t.cert.span(), k("cert"), e.to_string());
@@ -356,6 +480,8 @@ impl Validator<'_> {
             alpn,
             certs,
             server,
+            client_ca,
+            require_client_cert,
         })
     }
 

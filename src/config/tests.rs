@@ -663,3 +663,97 @@ fn rebalance_is_typed_with_defaults_and_checked_for_range() {
     );
     one_error(&format!("{base}every = \"1s\"\n{tail}"), 6, "", "every");
 }
+
+/// A terminate listener over a pool with TLS, `tls_extra` in `[listener.tls]` and `tail`
+/// after it, from a fresh PKI in `dir`.
+fn identity_text(files: &crate::demo::pki::PkiFiles, tls_extra: &str, tail: &str) -> String {
+    format!(
+        "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n[pool.tls]\nca = \"{ca}\"\n\
+         [[listener]]\nname = \"public\"\nlisten = \"127.0.0.1:8443\"\nmode = \"terminate\"\npool = \"p\"\n\
+         [listener.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n{tls_extra}\n{tail}",
+        ca = files.ca.display(),
+        cert = files.public_cert.display(),
+        key = files.public_key.display(),
+    )
+}
+
+#[test]
+fn identity_mode_is_validated_as_spec_10_says() {
+    let pki = crate::demo::pki::Pki::generate().expect("pki");
+    let dir = tempfile::tempdir().expect("dir");
+    let f = pki.write_to(dir.path()).expect("write");
+    let ca = f.ca.display().to_string();
+    // A front-proxy client certificate from a CA of its own: valid, with kubeadm's headers.
+    let fp = crate::demo::pki::Ca::new("front-proxy-ca").expect("ca");
+    let fp_client = fp.client("front-proxy-client", &[]).expect("cert");
+    let fp_cert = dir.path().join("fp.crt");
+    let fp_key = dir.path().join("fp.key");
+    std::fs::write(&fp_cert, &fp_client.cert_pem).expect("write");
+    std::fs::write(&fp_key, &fp_client.key_pem).expect("write");
+    let identity = |cert: &Path, key: &Path| {
+        format!(
+            "[listener.identity]\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let good = identity_text(
+        &f,
+        &format!("client_ca = \"{ca}\""),
+        &identity(&fp_cert, &fp_key),
+    );
+    let c = parse(Path::new("t.toml"), &good).expect("valid");
+    let l = &c.listeners[0];
+    let id = l.identity.as_ref().expect("identity");
+    assert_eq!(
+        (
+            id.user_header.as_str(),
+            id.group_header.as_str(),
+            id.extra_header_prefix.as_str()
+        ),
+        ("X-Remote-User", "X-Remote-Group", "X-Remote-Extra-")
+    );
+    let tls = l.tls.as_ref().expect("tls");
+    assert!(tls.client_ca.is_some() && !tls.require_client_cert);
+
+    // The gateway's identity issued by a CA of client_ca: an error naming file and line.
+    let bad = identity_text(
+        &f,
+        &format!("client_ca = \"{ca}\""),
+        &identity(&f.admin_cert, &f.admin_key),
+    );
+    one_error(
+        &bad,
+        17,
+        "identity.client_cert",
+        "issued by a CA in client_ca",
+    );
+    // Identity on a passthrough listener.
+    let pass = format!(
+        "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"127.0.0.1:1\"\n\
+         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:6443\"\npool = \"p\"\n{}",
+        identity(&fp_cert, &fp_key)
+    );
+    one_error(&pass, 9, "listener[0].identity", "mode = \"terminate\"");
+    // require_client_cert without a bundle to verify against.
+    one_error(
+        &identity_text(&f, "require_client_cert = true", ""),
+        15,
+        "require_client_cert",
+        "needs client_ca",
+    );
+    // Header names.
+    one_error(
+        &identity_text(
+            &f,
+            "",
+            &format!(
+                "{}user_header = \"X Remote\"\n",
+                identity(&fp_cert, &fp_key)
+            ),
+        ),
+        19,
+        "identity.user_header",
+        "not an HTTP header name",
+    );
+}

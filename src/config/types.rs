@@ -412,6 +412,23 @@ pub struct ListenerTlsConfig {
     pub certs: Arc<crate::tls::SniResolver>,
     /// Server configurations, one per ALPN answer, built once at load.
     pub server: Arc<crate::tls::TerminateServer>,
+    /// `client_ca`: clients that present a certificate are verified against it (SPEC §10).
+    pub client_ca: Option<Arc<rustls::RootCertStore>>,
+    /// `require_client_cert`: clients without a certificate are refused.
+    pub require_client_cert: bool,
+}
+
+/// `[listener.identity]`: the front-proxy identity mode of a terminate listener (SPEC §10).
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// What the gateway presents to the apiservers for requests of verified clients.
+    pub client: crate::tls::Identity,
+    /// Carries a verified client's subject CN.
+    pub user_header: String,
+    /// One per subject O of a verified client.
+    pub group_header: String,
+    /// Headers starting with this are stripped from every request.
+    pub extra_header_prefix: String,
 }
 
 impl ListenerConfig {
@@ -479,4 +496,6 @@ pub struct ListenerConfig {
     pub max_connections: u32,
     /// Certificates of a terminate listener.
     pub tls: Option<ListenerTlsConfig>,
+    /// Front-proxy identity mode (terminate listeners only).
+    pub identity: Option<IdentityConfig>,
 }
