@@ -942,3 +942,81 @@ async fn health_checks_do_not_charge_the_gateways_own_emfile_to_backends() {
         .expect("join");
     assert_eq!(code, 0);
 }
+
+/// Reads `n` lines of `apilb demo-apiserver`'s stdout (`NAME ADDR`), each server's name and
+/// address.
+fn apiserver_lines(child: &mut Child, n: usize) -> Vec<(String, SocketAddr)> {
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    (0..n)
+        .map(|_| {
+            let line = lines.next().expect("a line").expect("read");
+            let (name, addr) = line.split_once(' ').expect("NAME ADDR");
+            (name.to_string(), addr.parse().expect("an address"))
+        })
+        .collect()
+}
+
+/// The hidden `demo-apiserver` the HA test (tests/ha/) runs in a namespace of its own: one
+/// simulated apiserver per --listen, a PKI that clients started apart can read from --dir
+/// and that a second start reuses, 0 on SIGTERM, a taken address named in the error.
+#[test]
+fn demo_apiserver_serves_each_address_with_a_shared_pki() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = || {
+        Command::new(bin())
+            .args([
+                "demo-apiserver",
+                "--listen",
+                "127.0.0.1:0",
+                "--listen",
+                "127.0.0.1:0",
+                "--dir",
+            ])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn demo-apiserver")
+    };
+    let mut child = KillOnDrop(start());
+    let servers = apiserver_lines(&mut child.0, 2);
+    let d = dir.path().display();
+    for (i, (name, addr)) in servers.iter().enumerate() {
+        assert_eq!(name, &format!("apiserver-{i}"));
+        let out = sh(&format!(
+            "curl -s --cacert {d}/ca.crt --cert {d}/admin.crt --key {d}/admin.key https://{addr}/whoami"
+        ));
+        assert!(out.contains(&format!("\"backend\":\"{name}\"")), "{out}");
+        assert!(out.contains("\"user\":\"admin\""), "{out}");
+    }
+    let ca = std::fs::read(dir.path().join("ca.crt")).expect("ca.crt");
+    signal(child.0.id(), "TERM");
+    assert_eq!(wait_exit(&mut child.0, 20), 0);
+
+    let mut again = KillOnDrop(start());
+    let (_, addr) = apiserver_lines(&mut again.0, 2).remove(0);
+    assert_eq!(
+        std::fs::read(dir.path().join("ca.crt")).expect("ca.crt"),
+        ca
+    );
+    let out = sh(&format!(
+        "curl -s --cacert {d}/ca.crt --cert {d}/admin.crt --key {d}/admin.key https://{addr}/whoami"
+    ));
+    assert!(out.contains("\"user\":\"admin\""), "the reused PKI: {out}");
+    signal(again.0.id(), "TERM");
+    assert_eq!(wait_exit(&mut again.0, 20), 0);
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = taken.local_addr().expect("addr");
+    let out = Command::new(bin())
+        .args(["demo-apiserver", "--listen", &busy.to_string(), "--dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run demo-apiserver");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&busy.to_string()), "{err}");
+}
