@@ -16,15 +16,15 @@ namespaces of a dead run's pid removes them, with any process still in them, bef
 those of a live run are left alone). `sw` holds a bridge, `br0`; every other namespace has one
 veth, `eth0`, whose peer is a port of that bridge: no interface of the test is in the host's
 namespace and no route leads out of 198.18.0.0/15 (RFC 2544's benchmarking range), which the
-run checks at the end, with every namespace's OutNoRoutes counter (0: nothing tried to reach an
-address outside). `api` holds three simulated apiservers (`apilb demo-apiserver`) on
+run checks at the end, with an nftables rule in every namespace that counts and drops any packet
+for an address outside the range (the count must be 0). `api` holds three simulated apiservers (`apilb demo-apiserver`) on
 198.18.3.21-23:6443; the gateways `gw1` (198.18.0.11) and `gw2` (.12) reach them through an
 on-link route, the one scenario 3 removes in gw1. Each gateway runs target/release/apilb with
 the same config (https checks of /readyz, shutdown_grace 6s, drain_timeout 5s).
 
 VRRP mode: `client` (198.18.0.10) sits on the bridge too; each gateway runs keepalived with the
 shipped config/keepalived.conf, only the virtual IP (198.18.0.100/24) filled in (the interface is
-eth0 as shipped) and, on gw2, the `state BACKUP` and `priority 100` its comments ask for.
+eth0 as shipped) and, on gw2, the `state BACKUP` and the lower priority its comments ask for.
 BGP mode: `router` (198.18.0.1 on the bridge, 198.18.1.1 towards `client` at 198.18.1.10 on a
 veth of their own) runs BIRD 2 with `merge paths` (ECMP, L4 hash); each gateway carries the
 virtual IP 198.18.2.10/32 on lo and runs ExaBGP with the shipped config/exabgp/exabgp.conf (its
