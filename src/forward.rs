@@ -65,9 +65,9 @@ enum Inspected {
 }
 
 /// Reads until the ClientHello is whole (or known not to be one), by readiness and
-/// `try_read`, so a client that sends its hello at once costs one read. Nothing sent by
-/// `silent_at` is a silent client, as without routes; an incomplete hello at `sni_at` is a
-/// timeout.
+/// `try_read`, so a client that sends its hello at once costs one read. A client that sent
+/// nothing by `silent_at` (or by `sni_at`, when that comes first) is silent, as without
+/// routes; an incomplete hello at `sni_at` is a timeout.
 async fn read_hello(
     client: &TcpStream,
     silent_at: Option<tokio::time::Instant>,
@@ -83,21 +83,22 @@ async fn read_hello(
             _ => sni_at,
         };
         match tokio::time::timeout_at(until, client.readable()).await {
-            Err(_) if until == sni_at => return Inspected::TimedOut,
-            Err(_) => return Inspected::Silent,
+            // A client that sent nothing at all is silent, whichever wait ran out.
+            Err(_) if r.bytes().is_empty() => return Inspected::Silent,
+            Err(_) => return Inspected::TimedOut,
             Ok(Err(_)) => return Inspected::Closed,
             Ok(Ok(())) => {}
         }
-        let spare = r.spare();
-        let offered = spare.len();
-        match client.try_read(spare) {
+        // Into scratch space, so the reader holds only what arrived (a record header
+        // promising 16 KiB must not make it allocate 16 KiB).
+        let mut scratch = [0u8; 4096];
+        let want = r.want().min(scratch.len());
+        match client.try_read(&mut scratch[..want]) {
             Ok(0) => return Inspected::Closed,
             Ok(n) => {
-                r.filled(offered, n);
+                r.push(&scratch[..n]);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                r.filled(offered, 0);
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => return Inspected::Closed,
         }
     }
@@ -131,7 +132,7 @@ pub(crate) async fn serve(
                     return None;
                 }
                 Err(_) => {
-                    state.log_rejected(client_addr, started, End::SniTimeout, "no whole PROXY header within sni_timeout");
+                    state.log_rejected(client_addr, started, End::ProxyProtocol, "no whole PROXY header within sni_timeout");
                     return None;
                 }
             }
@@ -204,9 +205,16 @@ pub(crate) async fn serve(
             () = state.drain.cancelled() => Err(ConnectError::Draining),
         };
         match r {
-            Ok((stream, guard)) => {
+            Ok((stream, mut guard)) => {
+                // Only pools that rebalance pay for the registry (a lock in and out per
+                // connection); connections opened before a reload turned rebalancing on
+                // are not moved.
+                let tracked = match pool.cfg.rebalance {
+                    Some(_) => guard.track(),
+                    None => Arc::new(crate::relay::Tracked::new(0)),
+                };
                 // At most MAX_WIRE bytes: a u32 keeps the relay's task small.
-                Some((stream, guard, tag, first.len() as u32))
+                Some((stream, guard, tracked, tag, first.len() as u32))
             }
             Err(e) => {
                 state.log_connect_failed(client_addr, started, &e);
@@ -215,10 +223,10 @@ pub(crate) async fn serve(
         }
     })
     .await;
-    let Some((backend_stream, mut guard, tag, sent)) = connected else {
+    let Some((backend_stream, guard, tracked, tag, sent)) = connected else {
         return;
     };
-    let tracked = guard.track();
+
     let drain = drained(&state.drain, &guard.backend().drain);
     let mut r = relay_tracked(
         client,

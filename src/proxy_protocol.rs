@@ -170,7 +170,8 @@ fn parse_v2(buf: &[u8]) -> Parsed {
             ))
         }
         // UNSPEC, UDP, unix sockets: nothing the gateway can use as a TCP client address.
-        _ => None,
+        0x00 | 0x12 | 0x22 | 0x31 | 0x32 => None,
+        _ => return Parsed::Invalid("PROXY v2 family or transport unknown"),
     };
     Parsed::Header { len, source }
 }

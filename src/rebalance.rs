@@ -144,13 +144,19 @@ pub(crate) async fn run(
     skew_gauge: prometheus::Gauge,
     stop: CancellationToken,
     shutting_down: CancellationToken,
+    last_round: Arc<std::sync::atomic::AtomicU64>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // Closes at most `rate` per tick, and ticks never bunch up after a stall: no one-second
-    // window sees more than `rate` closes.
+    // Closes at most `rate` per round, and rounds are a second apart even across reloads
+    // (which start a new loop): `last_round` outlives the loop, the first tick waits a
+    // second, and a stopped loop takes no further tick.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            biased;
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
@@ -172,6 +178,7 @@ pub(crate) async fn run(
                     open: b.active(),
                     relays: open
                         .iter()
+                        .filter(|t| !t.was_asked())
                         .map(|t| (t.id, t.clock.age(), t.clock.client_quiet()))
                         .collect(),
                 };
@@ -183,21 +190,26 @@ pub(crate) async fn run(
         let Some(rules) = rules.filter(|_| acting) else {
             continue;
         };
+        let now = crate::balance::now_ms();
+        if now.saturating_sub(last_round.load(std::sync::atomic::Ordering::Relaxed)) < 1000 {
+            continue;
+        }
         let chosen = decide(&loads, &rules);
         if chosen.is_empty() {
             continue;
         }
+        last_round.store(now, std::sync::atomic::Ordering::Relaxed);
         for &(i, id) in &chosen {
             if let Some(t) = relays[i].iter().find(|t| t.id == id) {
+                // Counted when the relay ends (it declines while a request is in flight).
                 t.rebalance();
-                pool.backends[i].metrics.rebalanced.inc();
             }
         }
         tracing::info!(
             pool = %pool.cfg.name,
             closed = chosen.len(),
             skew = format!("{:.2}", skew(&loads)),
-            "rebalancing: closing connections of backends above their share; clients reconnect to the least loaded"
+            "rebalancing: asking connections of backends above their share to end; clients reconnect to the least loaded"
         );
     }
 }

@@ -109,6 +109,9 @@ pub(crate) struct Running {
     /// Cancelled when shutdown begins (before the grace): the rebalancer closes nothing
     /// from then on.
     pub(crate) shutting_down: CancellationToken,
+    /// When each pool's rebalancer last closed connections ([`crate::balance::now_ms`]),
+    /// kept across reloads so a reload cannot start a second round within the second.
+    rebalance_rounds: HashMap<String, Arc<std::sync::atomic::AtomicU64>>,
     /// Whether passthrough relays may splice (a gateway option).
     splice: bool,
     /// The process-wide connection budget (fixed at start).
@@ -128,6 +131,7 @@ impl Running {
             metrics,
             health_stop: stop.child_token(),
             shutting_down: CancellationToken::new(),
+            rebalance_rounds: HashMap::new(),
             stop,
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -417,11 +421,17 @@ impl Running {
         // The rebalancer of every pool (its skew is exported even when it moves nothing),
         // restarted with the pools on every apply.
         for p in pools {
+            let last_round = self
+                .rebalance_rounds
+                .entry(p.cfg.name.clone())
+                .or_default()
+                .clone();
             tokio::spawn(crate::rebalance::run(
                 p.clone(),
                 self.metrics.pool_skew(&p.cfg.name),
                 self.health_stop.clone(),
                 self.shutting_down.clone(),
+                last_round,
             ));
         }
         // Pools that went away.

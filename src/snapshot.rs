@@ -186,6 +186,9 @@ impl ListenerSnapshot {
         if let Some(i) = End::PROXIED.iter().position(|e| *e == r.end) {
             self.metrics.closed[i].inc();
         }
+        if r.end == End::Rebalanced {
+            backend.metrics.rebalanced.inc();
+        }
         if r.up == 0 && r.down == 0 && r.error.is_none() && !self.cfg.log_empty {
             return;
         }

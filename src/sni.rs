@@ -16,8 +16,9 @@
 
 /// The largest ClientHello handshake message accepted, header included.
 pub(crate) const MAX_HELLO: usize = 64 * 1024;
-/// The most bytes read while looking for the hello: the message plus its record headers
-/// (room for 200 records; real clients use one to four).
+/// The most bytes read while looking for the hello: the message plus room for the headers
+/// of about 200 records (real clients use one to four); a hello in more, smaller records is
+/// malformed.
 pub(crate) const MAX_WIRE: usize = MAX_HELLO + 1024;
 /// The first read's size: a whole ordinary hello (a Go client's post-quantum hello is about
 /// 1.8 KiB) in one system call.
@@ -113,26 +114,9 @@ impl HelloReader {
             .min(room)
     }
 
-    /// A buffer of `want()` bytes at the end of the received ones, for a read to fill;
-    /// `filled(n)` then keeps the first `n`.
-    pub(crate) fn spare(&mut self) -> &mut [u8] {
-        let len = self.wire.len();
-        let want = self.want();
-        self.wire.resize(len + want, 0);
-        &mut self.wire[len..]
-    }
-
-    /// Keeps `n` of the bytes the last [`spare`](Self::spare) offered and drops the rest;
-    /// the answer when it is now known.
-    pub(crate) fn filled(&mut self, offered: usize, n: usize) -> Option<&Hello> {
-        let kept = self.wire.len() - offered + n.min(offered);
-        self.wire.truncate(kept);
-        self.advance()
-    }
-
     /// Appends bytes (as many as `want()` allows; returns how many were taken) and the
-    /// answer when it is now known.
-    #[cfg(test)]
+    /// answer when it is now known. The buffer grows only by what arrived, never by what a
+    /// record header promises.
     pub(crate) fn push(&mut self, bytes: &[u8]) -> (usize, Option<&Hello>) {
         let take = bytes.len().min(self.want());
         self.wire.extend_from_slice(&bytes[..take]);
@@ -155,6 +139,15 @@ impl HelloReader {
     }
 
     fn decide(&mut self) -> Option<Hello> {
+        let answer = self.scan();
+        if answer.is_none() && self.wire.len() >= MAX_WIRE {
+            // Many small records: the limit on the wire came before the message's end.
+            return Some(Hello::Malformed("ClientHello records exceed 65 KiB"));
+        }
+        answer
+    }
+
+    fn scan(&mut self) -> Option<Hello> {
         if self.wire.first().is_some_and(|b| *b != CONTENT_HANDSHAKE) {
             return Some(Hello::NotTls);
         }
@@ -630,6 +623,26 @@ mod tests {
             assert!(r.bytes().len() <= MAX_WIRE);
         }
         assert!(matches!(r.answer(), Some(Hello::Malformed(_))));
+    }
+
+    #[test]
+    fn a_hello_in_tiny_records_that_fills_the_wire_limit_is_malformed() {
+        // A valid length (60,000 bytes) in one-byte records: 6 bytes on the wire per byte.
+        let mut msg = vec![1, 0x00, 0xea, 0x5c];
+        msg.resize(4 + 60_000, 0);
+        let wire = records(&msg, 1);
+        let mut r = HelloReader::new();
+        let mut at = 0;
+        while r.answer().is_none() {
+            let (n, _) = r.push(&wire[at..(at + 4096).min(wire.len())]);
+            assert!(
+                n > 0 || r.answer().is_some(),
+                "stuck: wants nothing, answers nothing"
+            );
+            at += n;
+        }
+        assert!(matches!(r.answer(), Some(Hello::Malformed(_))));
+        assert_eq!(r.bytes().len(), MAX_WIRE);
     }
 
     #[test]

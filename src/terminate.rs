@@ -109,7 +109,7 @@ async fn establish(
                 state.log_rejected(
                     client_addr,
                     started,
-                    End::SniTimeout,
+                    End::ProxyProtocol,
                     "no whole PROXY header within sni_timeout",
                 );
                 return None;

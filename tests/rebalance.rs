@@ -17,8 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// A backend that holds every connection open, reading and discarding, until it is stopped;
-/// stopping closes the listener and every open connection (a restarted apiserver).
+/// A backend that holds every connection open, reading and discarding and sending an event
+/// byte every 20 ms, until it is stopped; stopping closes the listener and every open
+/// connection (a restarted apiserver).
 struct Held {
     addr: SocketAddr,
     stop: CancellationToken,
@@ -47,6 +48,9 @@ impl Held {
                 let s = s.clone();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
+                    // A watch's events: a byte every 20 ms, so that a reset anywhere on the
+                    // path surfaces at the client.
+                    let mut events = tokio::time::interval(Duration::from_millis(20));
                     loop {
                         tokio::select! {
                             () = s.cancelled() => return,
@@ -54,6 +58,11 @@ impl Held {
                                 Ok(0) | Err(_) => return,
                                 Ok(_) => {}
                             },
+                            _ = events.tick() => {
+                                if c.write_all(b"e").await.is_err() {
+                                    return;
+                                }
+                            }
                         }
                     }
                 });
@@ -96,11 +105,15 @@ fn watcher(gw: SocketAddr, seen: Arc<Seen>, done: Arc<AtomicBool>, busy: bool) {
                 continue;
             }
             seen.open.fetch_add(1, Ordering::SeqCst);
-            let mut buf = [0u8; 64];
+            let mut buf = [0u8; 4096];
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             let end = loop {
                 tokio::select! {
-                    r = s.read(&mut buf) => break r,
+                    r = s.read(&mut buf) => match r {
+                        // An event: the watch goes on.
+                        Ok(n) if n > 0 => {}
+                        r => break r,
+                    },
                     _ = tick.tick(), if busy => {
                         if s.write_all(b".").await.is_err() {
                             break Err(std::io::Error::other("write failed"));
@@ -211,18 +224,20 @@ async fn without_rebalance_the_skew_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_rebalance_the_surplus_moves_at_rate_cleanly_and_nothing_is_lost() {
     let rate = 5;
-    let min_age = Duration::from_secs(2);
+    // Longer than the original connections have lived when the backend is back (about
+    // 1.5 s): the first moves must wait for them to come of age.
+    let min_age = Duration::from_secs(4);
     let (gw, seen, _back, done, _b) = restart_scenario(&format!(
-        "[pool.rebalance]\nmax_skew = 0.25\nrate = {rate}\nmin_age = \"2s\"\n"
+        "[pool.rebalance]\nmax_skew = 0.25\nrate = {rate}\nmin_age = \"4s\"\n"
     ))
     .await;
     let ends_before = seen.ends.lock().expect("lock").len();
     let busy_before = seen.busy_ends.load(Ordering::SeqCst);
     let errors_before = seen.errors.load(Ordering::SeqCst);
     // 150 over three: fair 50, and at 75/75/0 the two hold 25 too many each; they must
-    // come down to at most 62 (1.25 x 50), 26 moves at 5 a second: about 6 s, plus the
-    // 2 s min_age of the connections that came back, plus a few.
-    let took = eventually(20, "every backend within max_skew", || {
+    // come down to at most 62 (1.25 x 50), 26 moves at 5 a second: about 6 s, after the
+    // originals reach min_age, plus a few.
+    let took = eventually(25, "every backend within max_skew", || {
         (0..3).all(|i| active(&gw, &format!("b{i}")) <= 62.0)
             && seen.open.load(Ordering::SeqCst) == 150
     })

@@ -110,6 +110,17 @@ fn big_hello(sni: &str, size: usize) -> Vec<u8> {
 /// Sends `bytes` in pieces of `piece` bytes (a pause between them, so each is its own
 /// segment), then reads the backend's tag and the echo of everything sent.
 async fn send_and_echo(gw: SocketAddr, bytes: &[u8], piece: usize) -> (String, Vec<u8>) {
+    send_and_echo_n(gw, bytes, piece, bytes.len()).await
+}
+
+/// [`send_and_echo`] when the backend gets only the last `want` bytes (the gateway took a
+/// PROXY header off the front).
+async fn send_and_echo_n(
+    gw: SocketAddr,
+    bytes: &[u8],
+    piece: usize,
+    want: usize,
+) -> (String, Vec<u8>) {
     within(20, "routed echo", async {
         let mut s = TcpStream::connect(gw).await.expect("connect");
         s.set_nodelay(true).expect("nodelay");
@@ -121,7 +132,6 @@ async fn send_and_echo(gw: SocketAddr, bytes: &[u8], piece: usize) -> (String, V
         }
         let mut got = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
-        let want = bytes.len();
         while !got.contains(&b'\n')
             || got.len() < got.iter().position(|b| *b == b'\n').unwrap_or(0) + 1 + want
         {
@@ -508,6 +518,33 @@ async fn proxy_reading_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// Reads one line, then `n` more bytes.
+async fn read_line_and(s: &mut TcpStream, n: usize) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\n") {
+        let k = s.read(&mut b).await.expect("read");
+        assert!(k > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.push(b[0]);
+    }
+    let mut rest = vec![0u8; n];
+    s.read_exact(&mut rest).await.expect("echo");
+    (String::from_utf8_lossy(&got).trim_end().to_string(), rest)
+}
+
+/// [`line_from`], then the echo of `n` bytes.
+async fn line_and_echo(to: SocketAddr, source: &str, bytes: &[u8], n: usize) -> (String, Vec<u8>) {
+    within(10, "line and echo", async {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(source.parse().expect("source"))
+            .expect("bind source");
+        let mut s = sock.connect(to).await.expect("connect");
+        s.write_all(bytes).await.expect("write");
+        read_line_and(&mut s, n).await
+    })
+    .await
+}
+
 /// Connects from `source` (a loopback address of its own, so that the address a PROXY header
 /// carries is told apart from the hop's), sends `bytes`, reads one line.
 async fn line_from(to: SocketAddr, source: &str, bytes: &[u8]) -> (String, SocketAddr) {
@@ -539,30 +576,42 @@ async fn proxy_headers_in_carry_the_client_and_backends_get_them_out() {
              [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\npool = \"p\"\nproxy_protocol = true\nsni_timeout = \"1s\"\n",
             backends_toml(&[backend])
         );
+        LOCAL_HEADERS.store(0, std::sync::atomic::Ordering::SeqCst);
         let gw = gateway(&cfg).await;
-        // A v2 header from an NLB says the client is 127.0.0.7:4242.
+        // A v2 header from an NLB says the client is 127.0.0.7:4242; the bytes behind it
+        // reach the backend untouched (the echo), after the gateway's own header.
         let v2 = proxy_header_v2("127.0.0.7:4242", "127.0.0.1:6443");
-        let (line, _) = line_from(gw.addr(), "127.0.0.9:0", &[&v2[..], b"hello"].concat()).await;
+        let (line, echo) =
+            line_and_echo(gw.addr(), "127.0.0.9:0", &[&v2[..], b"hello"].concat(), 5).await;
         assert!(line.starts_with(want_prefix), "{send}: {line}");
         assert!(line.contains("4242"), "{send}: {line}");
-        // The same with a v1 line in front.
-        let (line, _) = line_from(
-            gw.addr(),
-            "127.0.0.9:0",
-            b"PROXY TCP4 127.0.0.7 127.0.0.1 4243 6443\r\nhi",
-        )
+        assert_eq!(echo, b"hello");
+        // The same with a v1 line in front, sent in three segments.
+        let v1 = b"PROXY TCP4 127.0.0.7 127.0.0.1 4243 6443\r\nhi";
+        let (line, echo) = within(10, "split v1 header", async {
+            let mut s = TcpStream::connect(gw.addr()).await.expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            for part in [&v1[..9], &v1[9..30], &v1[30..]] {
+                s.write_all(part).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            read_line_and(&mut s, 2).await
+        })
         .await;
         assert!(
             line.starts_with(want_prefix) && line.contains("4243"),
             "{send}: {line}"
         );
+        assert_eq!(echo, b"hi");
+        // Half a header, then silence: closed at sni_timeout, counted as proxy_protocol.
+        assert!(closed_unanswered(gw.addr(), &v2[..10]).await);
         // No header: closed and counted; a health check (v2 LOCAL) keeps the backend up.
         assert!(closed_unanswered(gw.addr(), b"GET / HTTP/1.1\r\n\r\n").await);
         eventually(5, "proxy_protocol counted", || {
             gw.metric(
                 "apilb_listener_rejected_total",
                 &[("listener", "l"), ("reason", "proxy_protocol")],
-            ) == 1.0
+            ) == 2.0
         })
         .await;
         gw.first_check("p", "b0").await;
@@ -601,6 +650,21 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+#[tokio::test]
+async fn a_proxy_header_and_a_client_hello_in_one_segment_are_told_apart() {
+    let (a, _ta) = tagged("A").await;
+    let (b, _tb) = tagged("B").await;
+    let gw = gateway(&two_pool_config(a, b, true, "proxy_protocol = true")).await;
+    let hello = rustls_hello("b.example");
+    let v2 = proxy_header_v2("127.0.0.7:4242", "127.0.0.1:6443");
+    // One write: the header is consumed, the hello is routed and forwarded, untouched.
+    let both = [&v2[..], &hello[..]].concat();
+    assert_eq!(
+        send_and_echo_n(gw.addr(), &both, both.len(), hello.len()).await,
+        ("B".into(), hello.clone())
+    );
 }
 
 #[tokio::test]

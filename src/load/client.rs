@@ -218,9 +218,12 @@ impl Dialer {
             send,
             authority: self.authority.clone(),
             token: self.token.clone(),
+            id: NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 }
+
+static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One HTTP/2 connection.
 #[derive(Debug, Clone)]
@@ -228,9 +231,15 @@ pub struct Conn {
     send: SendRequest<Full<Bytes>>,
     authority: String,
     token: Option<Arc<str>>,
+    id: u64,
 }
 
 impl Conn {
+    /// Which connection this is (unique in the process).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Whether the connection is gone (a new one is needed).
     pub fn is_closed(&self) -> bool {
         self.send.is_closed()

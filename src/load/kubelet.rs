@@ -67,6 +67,15 @@ impl NodeConn {
         }
     }
 
+    /// Forgets connection `id` if it is still the current one: a stream on it broke, and
+    /// the connection task may not have noticed yet, so the next request must not go there.
+    pub async fn discard(&self, id: u64) {
+        let mut slot = self.conn.lock().await;
+        if slot.as_ref().is_some_and(|c| c.id() == id) {
+            *slot = None;
+        }
+    }
+
     /// One request of `verb`, its latency measured from `since` (the intended send time for
     /// open-loop load). A status outside 2xx and `expected` is counted as an error.
     #[allow(clippy::too_many_arguments)]
@@ -97,6 +106,9 @@ impl NodeConn {
                 Some((status, body))
             }
             Err((kind, what)) => {
+                if kind == Failure::Reset {
+                    self.discard(conn.id()).await;
+                }
                 self.stats.failed(kind, &what);
                 None
             }
@@ -286,6 +298,9 @@ pub async fn watch_loop(conn: Arc<NodeConn>, ctx: Arc<Ctx>, path: String) {
         let resp = match c.send(Method::GET, &watch_path, None, Bytes::new()).await {
             Ok(r) => r,
             Err((kind, what)) => {
+                if kind == Failure::Reset {
+                    conn.discard(c.id()).await;
+                }
                 stats.failed(kind, &what);
                 broken_at.get_or_insert_with(Instant::now);
                 backoff = next_backoff(backoff);
@@ -324,7 +339,10 @@ pub async fn watch_loop(conn: Arc<NodeConn>, ctx: Arc<Ctx>, path: String) {
                 stats.relists.fetch_add(1, Ordering::Relaxed);
                 broken_at = Some(Instant::now());
             }
-            End::Broken => broken_at = Some(Instant::now()),
+            End::Broken => {
+                broken_at = Some(Instant::now());
+                conn.discard(c.id()).await;
+            }
         }
     }
 }

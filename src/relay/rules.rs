@@ -100,7 +100,8 @@ pub(crate) struct Tracked {
     pub(crate) clock: Clock,
     /// A key in its backend's registry.
     pub(crate) id: u64,
-    rebalance: AtomicBool,
+    /// 0: running; 1: asked to end; 2: closing.
+    rebalance: std::sync::atomic::AtomicU8,
     task: atomic_waker::AtomicWaker,
 }
 
@@ -115,24 +116,38 @@ impl Tracked {
         Self {
             clock: Clock::new(),
             id,
-            rebalance: AtomicBool::new(false),
+            rebalance: std::sync::atomic::AtomicU8::new(0),
             task: atomic_waker::AtomicWaker::new(),
         }
     }
 
     /// Asks the relay to end cleanly (`end=rebalanced`).
     pub(crate) fn rebalance(&self) {
-        self.rebalance.store(true, Ordering::Release);
+        self.rebalance.store(1, Ordering::Release);
         self.task.wake();
     }
 
-    /// Whether the rebalancer asked the relay to end; registers the relay's task on its
-    /// first call, so the request wakes it (a task's waker does not change).
-    pub(crate) fn asked(&self, cx: &Context<'_>, first: bool) -> bool {
-        if first {
-            self.task.register(cx.waker());
-        }
-        self.rebalance.load(Ordering::Acquire)
+    /// Whether the rebalancer asked and the relay has not answered yet (a relay asked
+    /// once is not picked again while it closes).
+    pub(crate) fn was_asked(&self) -> bool {
+        self.rebalance.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether the rebalancer asked the relay to end; registers the relay's task, so that
+    /// the request wakes it.
+    pub(crate) fn asked(&self, cx: &Context<'_>) -> bool {
+        self.task.register(cx.waker());
+        self.rebalance.load(Ordering::Acquire) == 1
+    }
+
+    /// The relay declined (bytes from the client were in flight): it may be asked again.
+    pub(crate) fn decline(&self) {
+        self.rebalance.store(0, Ordering::Release);
+    }
+
+    /// The relay is closing: not to be asked again.
+    pub(crate) fn closing(&self) {
+        self.rebalance.store(2, Ordering::Release);
     }
 }
 

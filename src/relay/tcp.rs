@@ -57,9 +57,10 @@ pub fn relay_tcp<D: Future<Output = ()>>(
 }
 
 /// [`relay_tcp`] with its clock and end request in `tracked`, which the connection's
-/// backend registry shares with the rebalancer (SPEC §11). Asked to end, the relay discards
-/// what the peers sent and it has not read, so that closing sends FIN and not RST, shuts
-/// both sockets down for writing, and ends with [`End::Rebalanced`].
+/// backend registry shares with the rebalancer (SPEC §11). Asked to end, the relay declines
+/// while bytes from the client are in flight; otherwise it shuts both sockets down for
+/// writing (FIN both ways), discards what the peers still send until each answers with its
+/// own FIN (at most [`CLOSING_WAIT`]), and ends with [`End::Rebalanced`]: no RST.
 pub(crate) fn relay_tracked<D: Future<Output = ()>>(
     client: TcpStream,
     backend: TcpStream,
@@ -75,26 +76,54 @@ pub(crate) fn relay_tracked<D: Future<Output = ()>>(
         down: Flow::new(splice),
         idle_sleep: tracked.clock.first_deadline(idle),
         tracked,
-        watching: false,
+        closing: false,
         ends: Ends::default(),
         idle,
         drain: Watched::new(drain),
     }
 }
 
-/// Ends a relay the rebalancer chose: unread bytes discarded (a bounded amount: the client
-/// was quiet, and what a backend sent in the last instant is re-sent to the client's next
-/// watch), then FIN to both sides.
-fn end_cleanly(client: &TcpStream, backend: &TcpStream) {
+/// How long a relay the rebalancer ended waits for both peers to answer its FIN before it
+/// closes anyway.
+const CLOSING_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether the client has sent bytes the relay has not read yet (a request may be starting):
+/// then a rebalancer's request is declined.
+fn client_pending(client: &TcpStream) -> bool {
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(client).peek(&mut b), Ok(n) if n > 0)
+}
+
+/// While closing: reads and discards what each peer still sends, until both reached EOF;
+/// Ready once they have. Discarding (rather than closing with bytes unread) is what keeps
+/// the kernel from answering with RST.
+fn poll_closed(cx: &mut Context<'_>, socks: [&TcpStream; 2], ends: &mut Ends) -> Poll<()> {
     let mut scratch = [0u8; 4096];
-    for s in [client, backend] {
-        for _ in 0..16 {
-            match s.try_read(&mut scratch) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+    for (up, s) in [(true, socks[0]), (false, socks[1])] {
+        while !ends.is_done(up) {
+            match s.poll_read_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(_)) => {
+                    ends.eof(up);
+                }
+                Poll::Ready(Ok(())) => match s.try_read(&mut scratch) {
+                    Ok(0) => {
+                        ends.eof(up);
+                    }
+                    Ok(_) => {}
+                    // Readiness is cleared: the next poll_read_ready registers the waker.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        ends.eof(up);
+                    }
+                },
             }
         }
-        let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
+    }
+    if ends.is_done(true) && ends.is_done(false) {
+        Poll::Ready(())
+    } else {
+        Poll::Pending
     }
 }
 
@@ -106,8 +135,8 @@ pin_project_lite::pin_project! {
         up: Flow,
         down: Flow,
         tracked: Arc<Tracked>,
-        // Whether the task's waker is registered with `tracked`.
-        watching: bool,
+        // Ended by the rebalancer: FIN sent both ways, waiting for the peers' own.
+        closing: bool,
         ends: Ends,
         idle: Duration,
         #[pin]
@@ -122,6 +151,18 @@ impl<D: Future<Output = ()>> Future for RelayTcp<D> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Relayed> {
         let mut this = self.project();
+        if *this.closing {
+            let waited = this.idle_sleep.as_mut().poll(cx).is_ready();
+            if waited || poll_closed(cx, [this.client, this.backend], this.ends).is_ready() {
+                return Poll::Ready(Relayed {
+                    up: this.up.bytes,
+                    down: this.down.bytes,
+                    end: End::Rebalanced,
+                    error: None,
+                });
+            }
+            return Poll::Pending;
+        }
         let end = 'end: {
             for up in [true, false] {
                 if this.ends.is_done(up) {
@@ -152,10 +193,26 @@ impl<D: Future<Output = ()>> Future for RelayTcp<D> {
             {
                 break 'end (End::IdleTimeout, None);
             }
-            let first = !std::mem::replace(this.watching, true);
-            if this.tracked.asked(cx, first) {
-                end_cleanly(this.client, this.backend);
-                break 'end (End::Rebalanced, None);
+            if this.tracked.asked(cx) {
+                let held = !matches!(this.up.held, Held::Nothing)
+                    || !matches!(this.down.held, Held::Nothing);
+                if held || client_pending(this.client) {
+                    // Bytes in flight: a request may be under way. Not now.
+                    this.tracked.decline();
+                } else {
+                    this.tracked.closing();
+                    for s in [&*this.client, &*this.backend] {
+                        let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
+                    }
+                    *this.closing = true;
+                    *this.ends = Ends::default();
+                    this.idle_sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + CLOSING_WAIT);
+                    // Poll again at once, in the closing state.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
             }
             if this.drain.as_mut().poll(cx).is_ready() {
                 break 'end (End::Drained, None);
