@@ -10,7 +10,7 @@
 //!
 //! Needs `haproxy` (Debian's package) and two CPUs; each front gets one thread (`apilb run
 //! --threads 1`, HAProxy `nbthread 1`). Bounded: two runs of `--duration` (default 60 s).
-//! Run with `cargo bench --bench fanout` (`-- quick`: 1,000 nodes for 30 s).
+//! Run with `cargo bench --bench fanout` (`-- quick`: 1,000 nodes for 40 s).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -112,7 +112,7 @@ fn front_apilb(dir: &Path, ca: &Path, listen: SocketAddr, backends: &[SocketAddr
 
 fn front_haproxy(dir: &Path, listen: SocketAddr, backends: &[SocketAddr]) -> Proc {
     let mut cfg = format!(
-        "global\n  maxconn 15000\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n\
+        "global\n  maxconn 8000\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n\
          frontend front\n  bind {listen}\n  default_backend apiservers\nbackend apiservers\n  balance leastconn\n  default-server check inter 1s fall 1 rise 1\n"
     );
     for (i, b) in backends.iter().enumerate() {
@@ -153,7 +153,7 @@ async fn churn(store: Arc<Store>, prefix: String, nodes: usize, per_s: u64, unti
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let (nodes, secs, events_per_s) = if quick {
-        (1_000, 30u64, 500u64)
+        (1_000, 40u64, 500u64)
     } else {
         (2_500, 60, 1_000)
     };
@@ -255,6 +255,7 @@ fn main() {
                 r["watches"]["open"],
                 r["watches"]["expected"],
             );
+            println!("         errors during the run: {}", r["errors"]);
             drop(proc);
             // apiserver-0 back on its port for the next front.
             loop {
