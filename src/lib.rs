@@ -43,6 +43,7 @@ pub mod demo;
 mod forward;
 mod gateway;
 pub mod health;
+mod http;
 mod listener;
 pub mod load;
 mod metrics;

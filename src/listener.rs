@@ -217,6 +217,7 @@ mod tests {
             cfg: cfg.listeners[0].clone(),
             pool: Some(pool),
             routes: Vec::new(),
+            upstreams: Arc::default(),
             metrics: metrics.listener("l"),
             limit: limit.clone(),
             drain,

@@ -72,6 +72,12 @@ pub(crate) const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 /// `apilb_pool_connection_skew{pool}`: the largest backend's open connections over its fair
 /// share (SPEC §11).
 pub(crate) const POOL_SKEW: &str = "apilb_pool_connection_skew";
+/// `apilb_http_requests_total{listener,backend,code}` (SPEC §10)
+pub(crate) const HTTP_REQUESTS: &str = "apilb_http_requests_total";
+/// `apilb_http_request_duration_seconds{listener,verb}` (SPEC §10)
+pub(crate) const HTTP_DURATION: &str = "apilb_http_request_duration_seconds";
+/// `apilb_http_connection_errors_total{listener}`
+pub(crate) const HTTP_ERRORS: &str = "apilb_http_connection_errors_total";
 /// `apilb_pool_rebalanced_total{pool,backend}`
 pub(crate) const POOL_REBALANCED: &str = "apilb_pool_rebalanced_total";
 
@@ -114,6 +120,9 @@ pub struct Metrics {
     listener_closed: IntCounterVec,
     pool_skew: GaugeVec,
     pool_rebalanced: IntCounterVec,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    http_errors: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -209,6 +218,29 @@ impl Metrics {
                     .expect("each metric is registered once");
                 g
             },
+            http_requests: counter(
+                &r,
+                HTTP_REQUESTS,
+                "Requests through identity-mode listeners, by backend and status code.",
+                &["listener", "backend", "code"],
+            ),
+            http_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(HTTP_DURATION, "Time from request to the end of its response on identity-mode listeners, by verb (watches and upgrades excluded).")
+                        .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                    &["listener", "verb"],
+                )
+                .expect("metric names and labels are static and valid");
+                r.register(Box::new(h.clone()))
+                    .expect("each metric is registered once");
+                h
+            },
+            http_errors: counter(
+                &r,
+                HTTP_ERRORS,
+                "Identity-mode client connections that ended with an HTTP protocol error (malformed or oversized requests, timeouts, HTTP/2 resets beyond the limit).",
+                &["listener"],
+            ),
             pool_rebalanced: counter(
                 &r,
                 POOL_REBALANCED,
@@ -393,6 +425,9 @@ impl Metrics {
                 self.listener_closed
                     .with_label_values(&[listener, end.as_str()])
             }),
+            http_requests: self.http_requests.clone(),
+            http_duration: self.http_duration.clone(),
+            http_errors: self.http_errors.with_label_values(&[listener]),
             tls: TlsErrorMetrics {
                 handshake_timeout: self
                     .tls_handshake_errors
@@ -517,6 +552,12 @@ pub struct ListenerMetrics {
     pub closed_silent: IntCounter,
     /// TLS failures (terminate listeners only).
     pub tls: TlsErrorMetrics,
+    /// Identity-mode requests (labels resolved per request: backend and code vary).
+    pub http_requests: IntCounterVec,
+    /// Identity-mode request durations by verb.
+    pub http_duration: HistogramVec,
+    /// Identity-mode connections ended by an HTTP protocol error.
+    pub http_errors: IntCounter,
 }
 
 /// TLS failures of one terminate listener, by reason.

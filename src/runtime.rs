@@ -318,6 +318,7 @@ impl Running {
                     cfg: l.clone(),
                     pool,
                     routes,
+                    upstreams: Arc::default(),
                     metrics: self.metrics.listener(&l.name),
                     limit: rt.limit.clone(),
                     drain: rt.drain.clone(),

@@ -46,6 +46,8 @@ pub(crate) struct ListenerSnapshot {
     pub(crate) handshakes: Arc<Semaphore>,
     /// The process-wide connection budget, shared by every listener.
     pub(crate) budget: Arc<crate::budget::Budget>,
+    /// Identity mode: kept-alive connections to the backends, per snapshot.
+    pub(crate) upstreams: Arc<crate::http::upstream::Upstreams>,
 }
 
 /// One `[[listener.route]]` with its live pool.

@@ -52,12 +52,25 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
     let Some(established) = established else {
         return;
     };
-    let (client_addr, tag) = (established.client, established.route);
-    let (client_stream, backend_stream, guard) = (
-        established.client_stream,
-        established.backend_stream,
-        established.guard,
-    );
+    let (client_stream, backend_stream, guard, client_addr, tag) = match established {
+        Established::Relay {
+            client_stream,
+            backend_stream,
+            guard,
+            client,
+            route,
+        } => (client_stream, backend_stream, guard, client, route),
+        Established::Identity {
+            client_stream,
+            pool,
+            client,
+            route,
+            leaf,
+        } => {
+            crate::http::serve(client_stream, client, state.clone(), pool, route, leaf).await;
+            return;
+        }
+    };
     let (cr, cw) = tokio::io::split(client_stream);
     let (br, bw) = tokio::io::split(backend_stream);
     let drain = drained(&state.drain, &guard.backend().drain);
@@ -65,15 +78,30 @@ pub(crate) async fn serve(tcp: TcpStream, client_addr: SocketAddr, state: Arc<Li
     state.log_close(client_addr, guard.backend(), tag, started, &r);
 }
 
-/// Both TLS connections of a client, ready to relay.
-struct Established {
-    client_stream: tokio_rustls::server::TlsStream<ReadAhead>,
-    backend_stream: tokio_rustls::client::TlsStream<ReadAhead>,
-    guard: crate::balance::ActiveGuard,
-    /// The client's address: the PROXY header's, when the listener takes one.
-    client: SocketAddr,
-    /// The route that chose the pool.
-    route: RouteTag,
+/// A client past its handshake.
+// Moved once, inside the terminate connection's future, which is boxed already: boxing the
+// larger variant too would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Established {
+    /// Both TLS connections, ready to relay.
+    Relay {
+        client_stream: tokio_rustls::server::TlsStream<ReadAhead>,
+        backend_stream: tokio_rustls::client::TlsStream<ReadAhead>,
+        guard: crate::balance::ActiveGuard,
+        /// The client's address: the PROXY header's, when the listener takes one.
+        client: SocketAddr,
+        /// The route that chose the pool.
+        route: RouteTag,
+    },
+    /// Identity mode: the client's connection, served request by request.
+    Identity {
+        client_stream: tokio_rustls::server::TlsStream<ReadAhead>,
+        pool: Arc<crate::balance::Pool>,
+        client: SocketAddr,
+        route: RouteTag,
+        /// The client's certificate, verified against `client_ca`.
+        leaf: Option<Vec<u8>>,
+    },
 }
 
 /// The PROXY header (with `proxy_protocol`), the client's ClientHello, the backend's TLS
@@ -169,39 +197,50 @@ async fn establish(
         );
         return None;
     };
-    let proxy_header = pool.cfg.send_proxy.map(|v| {
-        crate::proxy_protocol::header(
-            v,
-            client_addr,
-            local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-        )
-    });
-    let connected = tokio::select! {
-        r = connect(pool, client_addr, listener, |backend, mut tcp| {
-            let proxy_header = proxy_header.as_deref();
-            let offered = &offered;
-            async move {
-                if let Some(h) = proxy_header {
-                    crate::connect::send_preamble(&mut tcp, h).await?;
+    let backend = if state.cfg.identity.is_some() {
+        // Identity mode (SPEC §10): the gateway answers ALPN itself (h2 when the client
+        // offers it) and balances each request on its own after the handshake.
+        None
+    } else {
+        let proxy_header = pool.cfg.send_proxy.map(|v| {
+            crate::proxy_protocol::header(
+                v,
+                client_addr,
+                local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            )
+        });
+        let connected = tokio::select! {
+            r = connect(pool, client_addr, listener, |backend, mut tcp| {
+                let proxy_header = proxy_header.as_deref();
+                let offered = &offered;
+                async move {
+                    if let Some(h) = proxy_header {
+                        crate::connect::send_preamble(&mut tcp, h).await?;
+                    }
+                    backend_tls(pool, backend, tcp, offered, &errors.backend_tls).await
                 }
-                backend_tls(pool, backend, tcp, offered, &errors.backend_tls).await
+            }) => r,
+            () = state.drain.cancelled() => Err(ConnectError::Draining),
+        };
+        match connected {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // The client's handshake is left unfinished: dropping it closes the connection.
+                state.log_connect_failed(client_addr, started, &e);
+                return None;
             }
-        }) => r,
-        () = state.drain.cancelled() => Err(ConnectError::Draining),
-    };
-    let (backend_stream, guard) = match connected {
-        Ok(c) => c,
-        Err(e) => {
-            // The client's handshake is left unfinished: dropping it closes the connection.
-            state.log_connect_failed(client_addr, started, &e);
-            return None;
         }
     };
-    let selected = backend_stream
-        .get_ref()
-        .1
-        .alpn_protocol()
-        .map(<[u8]>::to_vec);
+    let selected = match &backend {
+        Some((backend_stream, _)) => backend_stream
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(<[u8]>::to_vec),
+        None if offered.iter().any(|p| p == b"h2") => Some(b"h2".to_vec()),
+        None if client_offered => Some(b"http/1.1".to_vec()),
+        None => None,
+    };
     let config = match tls.server.for_alpn(selected.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -232,12 +271,29 @@ async fn establish(
         }
     };
 
-    Some(Established {
-        client_stream,
-        backend_stream,
-        guard,
-        client: client_addr,
-        route,
+    Some(match backend {
+        Some((backend_stream, guard)) => Established::Relay {
+            client_stream,
+            backend_stream,
+            guard,
+            client: client_addr,
+            route,
+        },
+        None => {
+            let leaf = client_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec());
+            Established::Identity {
+                client_stream,
+                pool: pool.clone(),
+                client: client_addr,
+                route,
+                leaf,
+            }
+        }
     })
 }
 

@@ -124,6 +124,30 @@ struct Shared {
     watch_interval: Duration,
     anonymous: bool,
     api: Option<Arc<Store>>,
+    /// `--requestheader-client-ca-file` and `--requestheader-allowed-names`.
+    front_proxy: Option<(rustls::RootCertStore, Vec<String>)>,
+}
+
+/// What a simulated apiserver trusts as an authenticating front proxy (kube-apiserver's
+/// `--requestheader-*` flags, with kubeadm's header names: `X-Remote-User`,
+/// `X-Remote-Group`, `X-Remote-Extra-`).
+#[derive(Debug, Clone)]
+pub struct FrontProxy {
+    /// The front-proxy CA bundle, PEM.
+    pub ca_pem: String,
+    /// Allowed certificate CNs; empty: any certificate of the CA.
+    pub allowed_names: Vec<String>,
+}
+
+/// How a client's certificate authenticates.
+#[derive(Debug, Clone)]
+enum CertAuth {
+    /// No usable certificate.
+    None,
+    /// A user certificate from the client CA.
+    X509(Identity),
+    /// An allowed front proxy: the user comes from the request headers.
+    FrontProxy,
 }
 
 /// A running simulated apiserver; stops when dropped.
@@ -159,7 +183,21 @@ impl ApiServer {
     /// # Errors
     /// Unusable TLS material or a bind failure.
     pub async fn start(opts: ApiServerOptions) -> Result<Self, ApiServerError> {
-        Self::start_inner(opts, None).await
+        Self::start_inner(opts, None, None).await
+    }
+
+    /// [`ApiServer::start_with_api`] (or without a store) that also trusts an
+    /// authenticating front proxy, as kube-apiserver's `--requestheader-*` flags do
+    /// (SPEC §10).
+    ///
+    /// # Errors
+    /// Unusable TLS material or a bind failure.
+    pub async fn start_with_front_proxy(
+        opts: ApiServerOptions,
+        store: Option<Arc<Store>>,
+        front_proxy: FrontProxy,
+    ) -> Result<Self, ApiServerError> {
+        Self::start_inner(opts, store, Some(front_proxy)).await
     }
 
     /// Binds and starts serving the simulated Kubernetes API of `store` (shared with the
@@ -171,20 +209,32 @@ impl ApiServer {
         opts: ApiServerOptions,
         store: Arc<Store>,
     ) -> Result<Self, ApiServerError> {
-        Self::start_inner(opts, Some(store)).await
+        Self::start_inner(opts, Some(store), None).await
     }
 
     async fn start_inner(
         opts: ApiServerOptions,
         api: Option<Arc<Store>>,
+        front_proxy: Option<FrontProxy>,
     ) -> Result<Self, ApiServerError> {
         let tls_err = |source| ApiServerError::Tls {
             name: opts.name.clone(),
             source,
         };
         let provider = tls::provider();
-        let roots =
+        let mut roots =
             tls::roots_from_pem(opts.client_ca_pem.as_bytes(), "client CA").map_err(tls_err)?;
+        // Both CAs verify client certificates; which one signed a certificate decides how it
+        // authenticates (x509 user, or front proxy).
+        let front_proxy = match front_proxy {
+            None => None,
+            Some(fp) => {
+                let fp_roots =
+                    tls::roots_from_pem(fp.ca_pem.as_bytes(), "front-proxy CA").map_err(tls_err)?;
+                roots.roots.extend(fp_roots.roots.iter().cloned());
+                Some((fp_roots, fp.allowed_names))
+            }
+        };
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .allow_unauthenticated()
@@ -233,6 +283,7 @@ impl ApiServer {
             watch_interval: opts.watch_interval,
             anonymous: opts.anonymous,
             api,
+            front_proxy,
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(
@@ -341,12 +392,20 @@ async fn serve_conn(
     if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
         shared.resumed.fetch_add(1, Ordering::Relaxed);
     }
-    let cert_identity = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| identity_from_cert(c.as_ref()));
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let cert_identity = match (leaf, &shared.front_proxy) {
+        (None, _) => CertAuth::None,
+        (Some(c), Some((fp, allowed))) if tls::issued_by_one_of(c.as_ref(), fp) => {
+            // A front-proxy certificate is never an x509 user, allowed or not.
+            match identity_from_cert(c.as_ref()) {
+                Some(id) if allowed.is_empty() || allowed.contains(&id.user) => {
+                    CertAuth::FrontProxy
+                }
+                _ => CertAuth::None,
+            }
+        }
+        (Some(c), _) => identity_from_cert(c.as_ref()).map_or(CertAuth::None, CertAuth::X509),
+    };
     let cert_identity = Arc::new(cert_identity);
     let counters = shared.clone();
     let spoke = Arc::new(AtomicBool::new(false));
@@ -357,7 +416,7 @@ async fn serve_conn(
         first.store(true, Ordering::Relaxed);
         async move {
             let mut req = req;
-            let cert = cert_identity.as_ref().as_ref();
+            let cert = cert_identity.as_ref();
             let mut resp = if req.uri().path() == "/upgrade-echo" {
                 upgrade_echo(&mut req)
             } else if let Some(store) = shared
@@ -547,8 +606,31 @@ fn status_error(code: StatusCode, reason: &str, message: &str) -> Response<RespB
 fn authenticate(
     req: &Request<Incoming>,
     shared: &Shared,
-    cert: Option<&Identity>,
+    cert: &CertAuth,
 ) -> Option<(Identity, &'static str)> {
+    // The request-header authenticator comes first, as in kube-apiserver: an allowed front
+    // proxy's request is the user its headers name; without a user header it is a 401.
+    if let CertAuth::FrontProxy = cert {
+        let h = req.headers();
+        let user = h.get("x-remote-user").and_then(|v| v.to_str().ok())?;
+        let groups = h
+            .get_all("x-remote-group")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect();
+        return Some((
+            Identity {
+                user: user.to_string(),
+                groups,
+            },
+            "front-proxy",
+        ));
+    }
+    let cert = match cert {
+        CertAuth::X509(id) => Some(id),
+        _ => None,
+    };
     match req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -571,7 +653,7 @@ fn unauthorized() -> Response<RespBody> {
     status_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
 }
 
-fn route(req: &Request<Incoming>, shared: &Shared, cert: Option<&Identity>) -> Response<RespBody> {
+fn route(req: &Request<Incoming>, shared: &Shared, cert: &CertAuth) -> Response<RespBody> {
     shared.requests.fetch_add(1, Ordering::Relaxed);
     let Some((identity, by)) = authenticate(req, shared, cert) else {
         return unauthorized();

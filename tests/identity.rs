@@ -1,0 +1,328 @@
+//! The front-proxy identity mode (SPEC §10) on real sockets: one terminate listener with a
+//! public certificate, client certificates verified by the gateway and passed on as
+//! kube-apiserver's request headers to simulated apiservers that trust a front-proxy CA;
+//! tokens untouched; spoofed identity headers stripped; each request balanced on its own;
+//! watches streamed; upgrades tunnelled after `101`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use apilb::demo::apiserver::{ApiServer, FrontProxy, WhoAmI};
+use apilb::demo::pki::Ca;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Three simulated apiservers trusting the cluster CA for users and `fp` as front proxy
+/// (allowed name `front-proxy-client`), and a gateway in identity mode in front.
+struct Setup {
+    tls: TlsFixture,
+    _servers: Vec<ApiServer>,
+    gw: Gw,
+}
+
+async fn setup(servers: usize) -> Setup {
+    let tls = TlsFixture::new();
+    let fp = Ca::new("front-proxy-ca").expect("ca");
+    let fp_client = fp.client("front-proxy-client", &[]).expect("cert");
+    let fp_cert = tls.file("front-proxy-client.crt", &fp_client.cert_pem);
+    let fp_key = tls.file("front-proxy-client.key", &fp_client.key_pem);
+    let mut v = Vec::new();
+    for i in 0..servers {
+        let mut opts = sim_options(&tls, i, "127.0.0.1:0".parse().expect("addr"));
+        opts.name = format!("apiserver-{i}");
+        opts.tokens = vec![(
+            TOKEN.into(),
+            apilb::demo::apiserver::Identity {
+                user: "token-user".into(),
+                groups: vec!["system:authenticated".into()],
+            },
+        )];
+        opts.anonymous = true;
+        opts.watch_interval = Duration::from_millis(50);
+        v.push(
+            ApiServer::start_with_front_proxy(
+                opts,
+                None,
+                FrontProxy {
+                    ca_pem: fp.cert_pem.clone(),
+                    allowed_names: vec!["front-proxy-client".into()],
+                },
+            )
+            .await
+            .expect("start"),
+        );
+    }
+    let addrs: Vec<SocketAddr> = v.iter().map(|s| s.addr()).collect();
+    let cfg = format!(
+        "[[pool]]\nname = \"p\"\nbalance = \"round-robin\"\n{}\n[pool.tls]\nca = \"{ca}\"\nserver_name = \"kubernetes\"\n\
+         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nmode = \"terminate\"\npool = \"p\"\n\
+         [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\nhandshake_timeout = \"1s\"\nclient_ca = \"{ca}\"\n\
+         [listener.identity]\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+        backends_toml(&addrs),
+        tls.files.public_cert.display(),
+        tls.files.public_key.display(),
+        fp_cert.display(),
+        fp_key.display(),
+        ca = tls.ca().display(),
+    );
+    let gw = gateway(&cfg).await;
+    Setup {
+        tls,
+        _servers: v,
+        gw,
+    }
+}
+
+fn p(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// curl through the gateway's public certificate; `args` before the URL(s).
+async fn curl(s: &Setup, args: &[String], paths: &[&str]) -> String {
+    let mut all: Vec<String> = vec![
+        "-sS".into(),
+        "--fail-with-body".into(),
+        "--cacert".into(),
+        p(&s.tls.files.public_ca),
+    ];
+    all.extend(args.iter().cloned());
+    for path in paths {
+        all.push(format!("https://127.0.0.1:{}{path}", s.gw.addr().port()));
+    }
+    let out = within(
+        60,
+        "curl",
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(&all)
+                .output()
+                .expect("run curl (CI installs it)")
+        }),
+    )
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "curl: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn who(body: &str) -> WhoAmI {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("whoami JSON {body:?}: {e}"))
+}
+
+fn cert_args(s: &Setup, cert: &Path, key: &Path) -> Vec<String> {
+    let _ = s;
+    vec!["--cert".into(), p(cert), "--key".into(), p(key)]
+}
+
+#[tokio::test]
+async fn certificates_tokens_and_nobody_are_who_they_are_through_one_public_endpoint() {
+    let s = setup(3).await;
+    let f = s.tls.files.clone();
+    for proto in ["--http2", "--http1.1"] {
+        let mut a = cert_args(&s, &f.admin_cert, &f.admin_key);
+        a.push(proto.into());
+        let w = who(&curl(&s, &a, &["/whoami"]).await);
+        assert_eq!(
+            (
+                w.user.as_str(),
+                w.groups.clone(),
+                w.authenticated_by.as_str()
+            ),
+            ("admin", vec!["system:masters".to_string()], "front-proxy"),
+            "{proto}"
+        );
+        assert_eq!(
+            w.http_version, "HTTP/2.0",
+            "h2 to the backend whatever the client"
+        );
+    }
+    let w = who(&curl(&s, &cert_args(&s, &f.node_cert, &f.node_key), &["/whoami"]).await);
+    assert_eq!(
+        (w.user.as_str(), w.groups.clone()),
+        ("system:node:worker0", vec!["system:nodes".to_string()])
+    );
+    let token = vec!["-H".to_string(), format!("Authorization: Bearer {TOKEN}")];
+    let w = who(&curl(&s, &token, &["/whoami"]).await);
+    assert_eq!(
+        (w.user.as_str(), w.authenticated_by.as_str()),
+        ("token-user", "token")
+    );
+    let w = who(&curl(&s, &[], &["/whoami"]).await);
+    assert_eq!(w.authenticated_by, "anonymous");
+}
+
+#[tokio::test]
+async fn spoofed_identity_headers_are_stripped_in_http1_and_h2() {
+    let s = setup(1).await;
+    let f = s.tls.files.clone();
+    let spoof: Vec<String> = [
+        "X-Remote-User: admin",
+        "x-remote-user: root",
+        "x-remote-group: system:masters",
+        "X-REMOTE-GROUP: system:masters",
+        "X-Remote-Extra-Scopes: x",
+    ]
+    .iter()
+    .flat_map(|h| ["-H".to_string(), h.to_string()])
+    .collect();
+    for proto in ["--http2", "--http1.1"] {
+        let mut a = spoof.clone();
+        a.push(proto.into());
+        let w = who(&curl(&s, &a, &["/whoami"]).await);
+        assert_eq!(w.authenticated_by, "anonymous", "{proto}: {w:?}");
+        assert_eq!(w.user, "system:anonymous", "{proto}");
+        let mut a = spoof.clone();
+        a.extend(cert_args(&s, &f.node_cert, &f.node_key));
+        a.push(proto.into());
+        let w = who(&curl(&s, &a, &["/whoami"]).await);
+        assert_eq!(w.user, "system:node:worker0", "{proto}");
+        assert_eq!(w.groups, vec!["system:nodes".to_string()], "{proto}");
+    }
+    // A certificate from an unrelated CA fails the handshake and is counted.
+    let stranger = Ca::new("stranger").expect("ca");
+    let m = stranger.client("admin", &["system:masters"]).expect("cert");
+    let cert = s.tls.file("stranger.crt", &m.cert_pem);
+    let key = s.tls.file("stranger.key", &m.key_pem);
+    let mut args = vec!["-sS".to_string(), "--cacert".into(), p(&f.public_ca)];
+    args.extend(cert_args(&s, &cert, &key));
+    args.push(format!("https://127.0.0.1:{}/whoami", s.gw.addr().port()));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(&args)
+            .output()
+            .expect("curl")
+    })
+    .await
+    .expect("join");
+    assert!(
+        !out.status.success(),
+        "a foreign certificate must be refused"
+    );
+    eventually(5, "client_certificate counted", || {
+        s.gw.metric(
+            "apilb_tls_handshake_errors_total",
+            &[("listener", "l"), ("reason", "client_certificate")],
+        ) == 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn each_request_of_one_h2_connection_is_balanced_on_its_own() {
+    let s = setup(3).await;
+    let f = s.tls.files.clone();
+    let paths = vec!["/whoami"; 300];
+    let mut a = cert_args(&s, &f.admin_cert, &f.admin_key);
+    a.push("--http2".into());
+    let body = curl(&s, &a, &paths).await;
+    let mut per = [0usize; 3];
+    for (i, name) in ["apiserver-0", "apiserver-1", "apiserver-2"]
+        .iter()
+        .enumerate()
+    {
+        per[i] = body.matches(&format!("\"backend\":\"{name}\"")).count();
+    }
+    assert_eq!(per.iter().sum::<usize>(), 300, "{body}");
+    // round-robin: each third, give or take the requests in flight.
+    assert!(per.iter().all(|n| (90..=110).contains(n)), "{per:?}");
+    assert_eq!(
+        s.gw.metric("apilb_listener_connections_total", &[("listener", "l")]),
+        1.0,
+        "curl used one connection"
+    );
+    assert!(
+        s.gw.metric(
+            "apilb_http_requests_total",
+            &[("listener", "l"), ("backend", "b0"), ("code", "200")]
+        ) >= 90.0
+    );
+}
+
+#[tokio::test]
+async fn watches_stream_and_upgrades_tunnel_after_101() {
+    let s = setup(1).await;
+    let client = s.tls.public_client(Some(&s.tls.pki.admin), &["http/1.1"]);
+    // A watch: events arrive as they happen, for longer than the handshake timeout (1 s).
+    let mut w = tls_connect(s.gw.addr(), client.clone(), "localhost")
+        .await
+        .expect("tls");
+    w.write_all(b"GET /api/v1/namespaces/default/pods?watch=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    within(10, "watch events", async {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_millis(1500) {
+            let n = w.read(&mut buf).await.expect("read");
+            assert!(n > 0, "the watch ended");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let events = String::from_utf8_lossy(&got).matches("\"type\"").count();
+    assert!(
+        events >= 10,
+        "{events} events in 1.5 s: {}",
+        String::from_utf8_lossy(&got)
+    );
+
+    // An upgrade: 64 MiB each way intact after 101.
+    let mut u = tls_connect(s.gw.addr(), client.clone(), "localhost")
+        .await
+        .expect("tls");
+    u.write_all(b"POST /upgrade-echo HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = within(10, "101", u.read(&mut b)).await.expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let data = payload(7, 64 << 20);
+    let (mut r, mut wr) = tokio::io::split(u);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(256 * 1024) {
+            wr.write_all(chunk).await.expect("write");
+        }
+        wr.flush().await.expect("flush");
+        wr
+    });
+    let mut back = vec![0u8; data.len()];
+    within(60, "echo", r.read_exact(&mut back))
+        .await
+        .expect("read");
+    assert!(sha(&back) == sha(&data), "the tunnel changed bytes");
+    let _ = writer.await;
+
+    // An upgrade the backend refuses: its 400 reaches the client, and no tunnel.
+    let mut bad = tls_connect(s.gw.addr(), client, "localhost")
+        .await
+        .expect("tls");
+    bad.write_all(b"POST /upgrade-echo HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: spdy/3.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut resp = vec![0u8; 64];
+    let n = within(10, "400", bad.read(&mut resp)).await.expect("read");
+    assert!(
+        resp[..n].starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&resp[..n])
+    );
+}
