@@ -34,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::balance::{ActiveGuard, Pool};
 use crate::snapshot::ListenerSnapshot;
 use headers::Verified;
-use upstream::Sender;
+use upstream::{Counted, Sender};
 
 /// A client that has not sent a whole request head within this long is closed (slowloris
 /// on HTTP/1.1; HTTP/2 has its own keep-alive).
@@ -327,48 +327,6 @@ fn authority(pool: &Pool, backend: &crate::balance::Backend, headers: &hyper::He
             .get(hyper::header::HOST)
             .and_then(|h| h.to_str().ok())
             .map_or_else(|| backend.addr.to_string(), str::to_string),
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A body whose data bytes are counted into a shared total.
-    pub(crate) struct Counted<B> {
-        #[pin]
-        inner: B,
-        bytes: Arc<AtomicU64>,
-    }
-}
-
-impl<B> Counted<B> {
-    fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
-        Self { inner, bytes }
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for Counted<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let r = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
