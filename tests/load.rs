@@ -325,3 +325,64 @@ async fn bad_arguments_exit_2_and_an_unreachable_server_exits_1() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot reach"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mixed_profile_with_a_token_straight_to_one_apiserver() {
+    let c = SimCluster::start(3, StoreLimits::default()).await;
+    let server = apilb::demo::url_base(c.servers[1].addr());
+    let ca = c.tls.files.ca.display().to_string();
+    let r = json_report(
+        &load(args(&[
+            "--server",
+            &server,
+            "--ca",
+            &ca,
+            "--token",
+            TOKEN,
+            "--profile",
+            "mixed",
+            "--nodes",
+            "5",
+            "--ramp",
+            "500ms",
+            "--qps",
+            "10",
+            "--connections",
+            "2",
+            "--duration",
+            "2s",
+            "--output",
+            "json",
+        ]))
+        .await,
+    );
+    assert_eq!(r["profile"], "mixed");
+    assert_eq!(r["errors"], serde_json::json!({}), "{r:#}");
+    assert_eq!(r["watches"]["open"], 10);
+    // Two LISTs per node before its watches, and the 20 of the open loop.
+    assert_eq!(r["requests"]["LIST"]["count"], 30, "{r:#}");
+    for verb in VERBS {
+        let counted = r["requests"][verb.to_uppercase()]["count"]
+            .as_u64()
+            .unwrap_or(0);
+        assert_eq!(counted, c.store.served(verb), "{verb}");
+    }
+    // A wrong token is refused before the run starts.
+    let out = load(args(&[
+        "--server",
+        &server,
+        "--ca",
+        &ca,
+        "--token",
+        "wrong",
+        "--nodes",
+        "1",
+        "--duration",
+        "1s",
+    ]))
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("refused the credentials"), "{err}");
+    c.gw.shutdown().await;
+}
