@@ -157,6 +157,96 @@ async fn certificates_tokens_and_nobody_are_who_they_are_through_one_public_endp
     );
     let w = who(&curl(&s, &[], &["/whoami"]).await);
     assert_eq!(w.authenticated_by, "anonymous");
+    // X-Forwarded-For from the client is replaced by the client's real address.
+    let xff = vec![
+        "-H".to_string(),
+        "X-Forwarded-For: 1.2.3.4".into(),
+        "-H".into(),
+        "x-forwarded-for: 5.6.7.8".into(),
+    ];
+    let w = who(&curl(&s, &xff, &["/whoami"]).await);
+    assert_eq!(w.forwarded_for, vec!["127.0.0.1".to_string()]);
+}
+
+/// Sends raw bytes over TLS to the identity listener and returns what came back before
+/// the gateway closed (or 10 s passed).
+async fn raw(s: &Setup, bytes: &[u8]) -> String {
+    let c = s.tls.public_client(None, &["http/1.1"]);
+    let mut t = tls_connect(s.gw.addr(), c, "localhost").await.expect("tls");
+    let _ = t.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[tokio::test]
+async fn hostile_http_is_refused_and_harms_nobody() {
+    let s = setup(1).await;
+    // 200 clients that send half a request head and stall.
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let c = s.tls.public_client(None, &["http/1.1"]);
+        let addr = s.gw.addr();
+        slow.push(tokio::spawn(async move {
+            let mut t = tls_connect(addr, c, "localhost").await.expect("tls");
+            t.write_all(b"GET /whoami HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .await
+                .expect("write");
+            let mut b = [0u8; 64];
+            // Closed by the header read timeout (10 s), or by the test's end.
+            let _ = tokio::time::timeout(Duration::from_secs(15), t.read(&mut b)).await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A normal client is served meanwhile.
+    let w = who(&curl(&s, &[], &["/whoami"]).await);
+    assert_eq!(w.backend, "apiserver-0");
+    // A 1 MiB header block, and 10,000 headers: refused (431 or closed), never forwarded.
+    let big = format!(
+        "GET /whoami HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let r = raw(&s, big.as_bytes()).await;
+    assert!(r.is_empty() || r.starts_with("HTTP/1.1 431"), "{r:.80}");
+    let many: String = (0..10_000).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let r = raw(
+        &s,
+        format!("GET /whoami HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(r.is_empty() || r.starts_with("HTTP/1.1 431"), "{r:.80}");
+    // Conflicting Content-Length and Transfer-Encoding (request smuggling): hyper takes the
+    // chunked framing only (RFC 9112 §6.3: Content-Length dropped), and closes the client
+    // connection after the answer, so the request smuggled behind the body is never read.
+    let before = s.gw.metrics().value_or_zero(
+        "apilb_http_requests_total",
+        &[("listener", "l"), ("backend", "b0"), ("code", "200")],
+    );
+    let r = raw(
+        &s,
+        b"POST /api/v1/namespaces/default/pods HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /whoami HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.matches("HTTP/1.1 ").count(), 1, "one answer only: {r}");
+    assert!(
+        !r.contains("\"authenticated_by\""),
+        "the smuggled request was answered: {r}"
+    );
+    assert_eq!(
+        s.gw.metrics().value_or_zero(
+            "apilb_http_requests_total",
+            &[("listener", "l"), ("backend", "b0"), ("code", "200")]
+        ),
+        before
+    );
+    // Each is counted.
+    assert!(s.gw.metric("apilb_http_connection_errors_total", &[("listener", "l")]) >= 2.0);
+    // And the normal client is still served.
+    let w = who(&curl(&s, &[], &["/whoami"]).await);
+    assert_eq!(w.backend, "apiserver-0");
+    for t in slow {
+        t.abort();
+    }
 }
 
 #[tokio::test]

@@ -58,12 +58,16 @@ pub struct WhoAmI {
     pub backend: String,
     /// `HTTP/1.1` or `HTTP/2.0`.
     pub http_version: String,
-    /// `x509`, `token` or `anonymous`.
+    /// `x509`, `token`, `front-proxy` or `anonymous`.
     pub authenticated_by: String,
     /// The caller's user name.
     pub user: String,
     /// The caller's groups.
     pub groups: Vec<String>,
+    /// Every `X-Forwarded-For` value the request carried, in order (what a proxy in front
+    /// said about the client).
+    #[serde(default)]
+    pub forwarded_for: Vec<String>,
 }
 
 /// How to run one simulated apiserver.
@@ -695,6 +699,13 @@ fn route(req: &Request<Incoming>, shared: &Shared, cert: &CertAuth) -> Response<
                 authenticated_by: by.into(),
                 user: identity.user,
                 groups: identity.groups,
+                forwarded_for: req
+                    .headers()
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .collect(),
             }),
         ),
         "/api/v1/namespaces/default/pods"
