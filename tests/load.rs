@@ -153,9 +153,17 @@ async fn kubelet_profile_through_the_gateway_adds_up() {
             "{name}: {v}"
         );
         assert_eq!(v["spec"]["holderIdentity"], name);
+        // Its requests came with its own minted identity, which NodeRestriction-lite let
+        // write its own Node and Lease.
+        assert!(c.store.has_seen(&format!("system:node:{name}")), "{name}");
         let node = c.store.get(Kind::Node, None, &name).expect("node");
         assert_eq!(node.value["status"]["conditions"][0]["type"], "Ready");
     }
+
+    assert!(
+        !c.store.has_seen("admin"),
+        "no API request went as the kubeconfig's user"
+    );
 
     // --admin: the spread the run read matches the gateway's own /api/status.
     let spread = r["spread"].as_array().expect("spread");

@@ -430,7 +430,13 @@ async fn serve_conn(
             {
                 shared.requests.fetch_add(1, Ordering::Relaxed);
                 match authenticate(&req, &shared, cert) {
-                    Some((_, by)) => api::handle(store, req, by == "anonymous").await,
+                    Some((id, by)) => {
+                        let caller = (by != "anonymous").then_some(api::Caller {
+                            user: &id.user,
+                            groups: &id.groups,
+                        });
+                        api::handle(store, req, caller).await
+                    }
                     None => unauthorized(),
                 }
             } else {

@@ -46,13 +46,52 @@ pub fn serves(path: &str) -> bool {
     path == "/api" || path == "/apis" || path.starts_with("/api/") || path.starts_with("/apis/")
 }
 
-/// Answers one API request. `anonymous` callers are refused.
+/// Who is calling, as authentication found.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// The user name.
+    pub user: &'a str,
+    /// The groups.
+    pub groups: &'a [String],
+}
+
+impl Caller<'_> {
+    /// The node name of a kubelet identity (`system:node:NAME` in `system:nodes`).
+    fn node(&self) -> Option<&str> {
+        self.user
+            .strip_prefix("system:node:")
+            .filter(|_| self.groups.iter().any(|g| g == "system:nodes"))
+    }
+}
+
+/// What the NodeRestriction admission plugin allows a kubelet to write: its own Node and
+/// its own Lease in `kube-node-lease`, and no pods (the simulated API has no mirror pods).
+/// `None` when allowed, else the 403 message.
+fn node_may_not(node: &str, kind: Kind, ns: Option<&str>, name: Option<&str>) -> Option<String> {
+    let own = name == Some(node);
+    let ok = match kind {
+        Kind::Node => own,
+        Kind::Lease => own && ns == Some("kube-node-lease"),
+        Kind::Pod | Kind::Namespace => false,
+    };
+    (!ok).then(|| {
+        format!(
+            "{} \"{}\" is forbidden: node \"{node}\" is not allowed to modify it",
+            kind.plural(),
+            name.unwrap_or("")
+        )
+    })
+}
+
+/// Answers one API request for `caller` (`None`: anonymous, refused). Every authenticated
+/// user may read everything; a kubelet identity may write only what NodeRestriction
+/// lets it; other users may write everything (no RBAC).
 pub async fn handle(
     store: &Arc<Store>,
     req: Request<Incoming>,
-    anonymous: bool,
+    caller: Option<Caller<'_>>,
 ) -> Response<RespBody> {
-    if anonymous {
+    let Some(caller) = caller else {
         return status(
             StatusCode::FORBIDDEN,
             "Forbidden",
@@ -62,7 +101,8 @@ pub async fn handle(
                 req.uri().path()
             ),
         );
-    }
+    };
+    store.seen(caller.user);
     let path = req.uri().path().trim_end_matches('/').to_string();
     if let Some(doc) = table::discovery(&path) {
         return json_response(StatusCode::OK, Bytes::from(doc.to_string()));
@@ -96,6 +136,15 @@ pub async fn handle(
         .to_string();
     let method = req.method().clone();
     let ns = target.namespace.as_deref();
+    let node = caller.node();
+    let forbidden = |m: String| status(StatusCode::FORBIDDEN, "Forbidden", &m);
+    if let (Some(node), Some(_)) = (node, &target.name) {
+        if method != Method::GET {
+            if let Some(m) = node_may_not(node, target.kind, ns, target.name.as_deref()) {
+                return forbidden(m);
+            }
+        }
+    }
     match (&method, &target.name) {
         (&Method::GET, None) if query.watch => {
             store.count("watch");
@@ -135,6 +184,12 @@ pub async fn handle(
                 Ok(v) => v,
                 Err((code, reason, msg)) => return status(code, reason, &msg),
             };
+            if let Some(node) = node {
+                let name = body["metadata"]["name"].as_str();
+                if let Some(m) = node_may_not(node, target.kind, ns, name) {
+                    return forbidden(m);
+                }
+            }
             reply(StatusCode::CREATED, store.create(target.kind, ns, body))
         }
         (&Method::PUT, Some(name)) => {
@@ -620,6 +675,27 @@ mod tests {
         assert_eq!(q.resource_version.as_deref(), Some("42"));
         assert_eq!(q.timeout, Some(Duration::from_secs(5)));
         assert_eq!(percent_decode("a%2"), "a%2");
+    }
+
+    #[test]
+    fn a_kubelet_writes_only_its_own_node_and_lease() {
+        let groups = vec!["system:nodes".to_string()];
+        let kubelet = Caller {
+            user: "system:node:n1",
+            groups: &groups,
+        };
+        assert_eq!(kubelet.node(), Some("n1"));
+        let no_group = Caller {
+            user: "system:node:n1",
+            groups: &[],
+        };
+        assert_eq!(no_group.node(), None);
+        assert!(node_may_not("n1", Kind::Node, None, Some("n1")).is_none());
+        assert!(node_may_not("n1", Kind::Lease, Some("kube-node-lease"), Some("n1")).is_none());
+        let m = node_may_not("n1", Kind::Node, None, Some("n2")).expect("forbidden");
+        assert!(m.contains("node \"n1\" is not allowed"), "{m}");
+        assert!(node_may_not("n1", Kind::Lease, Some("default"), Some("n1")).is_some());
+        assert!(node_may_not("n1", Kind::Pod, Some("default"), Some("p")).is_some());
     }
 
     #[test]

@@ -189,6 +189,7 @@ pub struct Store {
     served: [AtomicU64; VERBS.len()],
     slow_watchers: AtomicU64,
     failing: AtomicU16,
+    users: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -246,6 +247,7 @@ impl Store {
             served: Default::default(),
             slow_watchers: AtomicU64::new(0),
             failing: AtomicU16::new(0),
+            users: Mutex::default(),
         });
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let _ = store.create(
@@ -277,6 +279,25 @@ impl Store {
             .iter()
             .position(|v| *v == verb)
             .map_or(0, |i| self.served[i].load(Ordering::Relaxed))
+    }
+
+    /// Notes that `user` made an API request (up to 100,000 distinct users are kept).
+    pub fn seen(&self, user: &str) {
+        let mut users = self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if users.len() < 100_000 && !users.contains(user) {
+            users.insert(user.to_string());
+        }
+    }
+
+    /// Whether `user` has made an API request.
+    pub fn has_seen(&self, user: &str) -> bool {
+        self.users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(user)
     }
 
     /// Makes every API request (discovery aside) answer `status` (a 5xx, say) until set
