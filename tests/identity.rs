@@ -24,6 +24,11 @@ struct Setup {
 }
 
 async fn setup(servers: usize) -> Setup {
+    setup_with(servers, Duration::from_millis(50), "").await
+}
+
+/// [`setup`] with the apiservers' watch event interval and more `[[listener]]` keys.
+async fn setup_with(servers: usize, watch_interval: Duration, listener_extra: &str) -> Setup {
     let tls = TlsFixture::new();
     let fp = Ca::new("front-proxy-ca").expect("ca");
     let fp_client = fp.client("front-proxy-client", &[]).expect("cert");
@@ -41,7 +46,7 @@ async fn setup(servers: usize) -> Setup {
             },
         )];
         opts.anonymous = true;
-        opts.watch_interval = Duration::from_millis(50);
+        opts.watch_interval = watch_interval;
         v.push(
             ApiServer::start_with_front_proxy(
                 opts,
@@ -58,7 +63,7 @@ async fn setup(servers: usize) -> Setup {
     let addrs: Vec<SocketAddr> = v.iter().map(|s| s.addr()).collect();
     let cfg = format!(
         "[[pool]]\nname = \"p\"\nbalance = \"round-robin\"\n{}\n[pool.tls]\nca = \"{ca}\"\nserver_name = \"kubernetes\"\n\
-         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nmode = \"terminate\"\npool = \"p\"\n\
+         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nmode = \"terminate\"\npool = \"p\"\n{listener_extra}\n\
          [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\nhandshake_timeout = \"1s\"\nclient_ca = \"{ca}\"\n\
          [listener.identity]\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
         backends_toml(&addrs),
@@ -415,4 +420,86 @@ async fn watches_stream_and_upgrades_tunnel_after_101() {
         "{}",
         String::from_utf8_lossy(&resp[..n])
     );
+}
+
+#[tokio::test]
+async fn a_quiet_response_stream_ends_after_the_idle_timeout() {
+    // Watch events every 10 s, an idle timeout of 1 s: the stream ends after the first
+    // quiet second, and the access line is written.
+    let s = setup_with(1, Duration::from_secs(10), "idle_timeout = \"1s\"").await;
+    let client = s.tls.public_client(None, &["http/1.1"]);
+    let mut w = tls_connect(s.gw.addr(), client, "localhost")
+        .await
+        .expect("tls");
+    w.write_all(b"GET /api/v1/namespaces/default/pods?watch=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    within(8, "the quiet stream ends", async {
+        loop {
+            let n = w.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || got.ends_with(b"0\r\n\r\n") {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.ends_with(b"0\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "ended too early"
+    );
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    eventually(5, "the request was logged and counted", || {
+        s.gw.metrics().value_or_zero(
+            "apilb_http_requests_total",
+            &[("listener", "l"), ("backend", "b0"), ("code", "200")],
+        ) == 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kubectl_with_a_client_certificate_is_its_user_through_the_public_certificate() {
+    use base64::Engine as _;
+    let s = setup(1).await;
+    let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t.as_bytes());
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: public\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: admin@public\n  context:\n    cluster: public\n    user: admin\ncurrent-context: admin@public\n",
+        s.gw.addr().port(),
+        b64(&s.tls.pki.public_ca.cert_pem),
+        b64(&s.tls.pki.admin.cert_pem),
+        b64(&s.tls.pki.admin.key_pem),
+    );
+    let path = s.tls.file("public-admin.kubeconfig", &kubeconfig);
+    let out = within(
+        60,
+        "kubectl",
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&path)
+                .args(["get", "--raw", "/whoami"])
+                .output()
+                .expect("run kubectl (CI installs it)")
+        }),
+    )
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "kubectl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = who(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        (w.user.as_str(), w.authenticated_by.as_str()),
+        ("admin", "front-proxy")
+    );
+    assert_eq!(w.groups, vec!["system:masters".to_string()]);
 }

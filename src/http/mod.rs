@@ -17,6 +17,7 @@ pub(crate) mod headers;
 pub(crate) mod upstream;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -310,8 +311,11 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBo
         }
     }
     let (parts, body) = resp.into_parts();
+    let idle_for = state.cfg.idle_timeout;
     let logged = Logged {
         inner: body,
+        idle: tokio::time::sleep(idle_for),
+        idle_for,
         down: 0,
         end: Some((line, backend_name, status.as_u16(), guard)),
     };
@@ -333,10 +337,14 @@ fn authority(pool: &Pool, backend: &crate::balance::Backend, headers: &hyper::He
 pin_project_lite::pin_project! {
     /// A response body streamed frame by frame (never buffered: watches and `logs -f` flow
     /// as they come), which writes the request's access line when it ends or is dropped,
-    /// and holds the backend's active count until then.
+    /// and holds the backend's active count until then. A stream with no byte for the
+    /// listener's `idle_timeout` ends there, as a quiet passthrough connection would.
     struct Logged {
         #[pin]
         inner: Incoming,
+        #[pin]
+        idle: tokio::time::Sleep,
+        idle_for: Duration,
         down: u64,
         end: Option<(Line, String, u16, ActiveGuard)>,
     }
@@ -359,12 +367,21 @@ impl Body for Logged {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
+        let mut this = self.project();
         let r = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                *this.down += d.len() as u64;
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    *this.down += d.len() as u64;
+                }
+                this.idle
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + *this.idle_for);
             }
+            Poll::Pending if this.idle.as_mut().poll(cx).is_ready() => {
+                return Poll::Ready(None);
+            }
+            _ => {}
         }
         r
     }
