@@ -394,3 +394,66 @@ async fn the_mixed_profile_with_a_token_straight_to_one_apiserver() {
     assert!(err.contains("refused the credentials"), "{err}");
     c.gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_command_apilb_demo_prints_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut demo = KillOnDrop(
+        Command::new(bin())
+            .args([
+                "demo",
+                "--passthrough",
+                "127.0.0.1:0",
+                "--terminate",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--dir",
+            ])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn demo"),
+    );
+    let stdout = demo.0.stdout.take().expect("stdout");
+    let line = within(
+        30,
+        "the demo's load line",
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find(|l| l.contains(" load --kubeconfig "))
+        }),
+    )
+    .await
+    .expect("join")
+    .expect("the demo prints an apilb load command");
+    // As printed, only shorter.
+    let short = line
+        .trim()
+        .replace("--nodes 100", "--nodes 6")
+        .replace("--duration 60s", "--duration 3s --ramp 1s --output json");
+    let mut words = short.split_whitespace();
+    assert_eq!(
+        words.next().map(std::path::Path::new),
+        Some(bin().as_path())
+    );
+    assert_eq!(words.next(), Some("load"));
+    let out = load(words.map(str::to_string).collect()).await;
+    let r = json_report(&out);
+    assert_eq!(r["watches"]["open"], 12, "{r:#}");
+    assert_eq!(r["errors"], serde_json::json!({}), "{r:#}");
+    let spread: u64 = r["spread"]
+        .as_array()
+        .expect("--admin spread")
+        .iter()
+        .map(|b| b["active"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(spread, 6);
+    signal(demo.0.id(), "INT");
+    assert_eq!(wait_exit(&mut demo.0, 20), 0);
+}
