@@ -498,6 +498,22 @@ fn demo_prints_commands_that_work_and_exits_0_on_sigint() {
         .find(|c| c.contains("Bearer"))
         .expect("token line");
     assert!(sh(token).contains("demo-user"));
+    // Certificate users through the public certificate: the front-proxy identity.
+    let public = commands
+        .iter()
+        .find(|c| c.contains("public-ca.crt") && c.contains("admin.crt"))
+        .expect("front-proxy curl line");
+    let who = sh(public);
+    assert!(
+        who.contains("\"user\":\"admin\"") && who.contains("\"authenticated_by\":\"front-proxy\""),
+        "{who}"
+    );
+    assert!(who.contains("system:masters"), "{who}");
+    let kubectl_public = commands
+        .iter()
+        .find(|c| c.contains("public-kubeconfig"))
+        .expect("public kubeconfig line");
+    assert!(sh(kubectl_public).contains("\"authenticated_by\":\"front-proxy\""));
     // The printed preflight runs, finds the demo's certificates cover its names, exits 0.
     let probe = lines
         .iter()

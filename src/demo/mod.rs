@@ -115,7 +115,7 @@ pub async fn run(
     let mut servers = Vec::new();
     for i in 0..3 {
         servers.push(
-            ApiServer::start_with_api(
+            ApiServer::start_with_front_proxy(
                 ApiServerOptions {
                     name: format!("apiserver-{i}"),
                     listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -132,7 +132,13 @@ pub async fn run(
                     watch_interval: Duration::from_secs(1),
                     anonymous: true,
                 },
-                store.clone(),
+                Some(store.clone()),
+                // As kubeadm configures kube-apiserver: --requestheader-client-ca-file and
+                // --requestheader-allowed-names=front-proxy-client.
+                apiserver::FrontProxy {
+                    ca_pem: pki.front_proxy_ca.cert_pem.clone(),
+                    allowed_names: vec!["front-proxy-client".into()],
+                },
             )
             .await?,
         );
@@ -178,6 +184,12 @@ pub async fn run(
         token_kubeconfig_yaml(&url_base(terminate), &pki),
     )
     .map_err(files_err)?;
+    let public_kubeconfig = dir.join("public-kubeconfig");
+    std::fs::write(
+        &public_kubeconfig,
+        public_kubeconfig_yaml(&url_base(terminate), &pki),
+    )
+    .map_err(files_err)?;
     let shown = Shown {
         passthrough,
         terminate,
@@ -185,6 +197,7 @@ pub async fn run(
         files: &files,
         kubeconfig: &kubeconfig,
         token_kubeconfig: &token_kubeconfig,
+        public_kubeconfig: &public_kubeconfig,
         config: &config_path,
     };
     println!("{}", instructions(&servers, &shown));
@@ -223,11 +236,14 @@ fn demo_config(opts: &DemoOptions, servers: &[ApiServer], files: &pki::PkiFiles)
          names = [\"localhost\", \"127.0.0.1\"]   # what clients connect to; `apilb probe` checks the apiservers' certificates cover them\n\
          \n[[listener]]\nname = \"public\"\nlisten = \"{}\"\nmode = \"terminate\"\npool = \"apiservers\"\nidle_timeout = \"1h\"\n\
          names = [\"localhost\", \"apilb.demo.test\"]\n\
-         \n  [listener.tls]\n  cert = \"{}\"\n  key = \"{}\"\n  handshake_timeout = \"10s\"\n",
+         \n  [listener.tls]\n  cert = \"{}\"\n  key = \"{}\"\n  handshake_timeout = \"10s\"\n         \x20 client_ca = \"{}\"   # client certificates are verified here, and passed on as front-proxy headers\n         \n  [listener.identity]   # one public endpoint for certificate and token users (SPEC §10)\n         \x20 client_cert = \"{}\"\n  client_key = \"{}\"\n",
         opts.passthrough,
         opts.terminate,
         files.public_cert.display(),
-        files.public_key.display()
+        files.public_key.display(),
+        files.ca.display(),
+        files.front_proxy_client_cert.display(),
+        files.front_proxy_client_key.display(),
     );
     s
 }
@@ -253,6 +269,18 @@ pub fn token_kubeconfig_yaml(server: &str, pki: &Pki) -> String {
     )
 }
 
+/// An admin kubeconfig for the terminate listener in front-proxy mode: the public CA with
+/// the admin certificate, which the gateway verifies and passes on as `X-Remote-User`.
+pub fn public_kubeconfig_yaml(server: &str, pki: &Pki) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: apilb-demo-public\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: admin@apilb-demo-public\n  context:\n    cluster: apilb-demo-public\n    user: admin\ncurrent-context: admin@apilb-demo-public\n",
+        ca = b64(&pki.public_ca.cert_pem),
+        cert = b64(&pki.admin.cert_pem),
+        key = b64(&pki.admin.key_pem),
+    )
+}
+
 /// An admin kubeconfig pointing at the gateway, with the CA, certificate and key embedded.
 pub fn kubeconfig_yaml(server: &str, pki: &Pki) -> String {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
@@ -272,6 +300,7 @@ struct Shown<'a> {
     files: &'a pki::PkiFiles,
     kubeconfig: &'a Path,
     token_kubeconfig: &'a Path,
+    public_kubeconfig: &'a Path,
     config: &'a Path,
 }
 
@@ -289,7 +318,7 @@ fn instructions(servers: &[ApiServer], w: &Shown<'_>) -> String {
         let _ = writeln!(s, "  {:<12} {}", srv.name(), srv.addr());
     }
     let _ = writeln!(s, "  {:<12} {}  passthrough: TLS goes through untouched, so the apiservers see your client certificate", "gateway", w.passthrough);
-    let _ = writeln!(s, "  {:<12} {}  terminate: the gateway's \"public\" certificate, then its own verified TLS to the apiservers", "gateway", w.terminate);
+    let _ = writeln!(s, "  {:<12} {}  terminate: the gateway's \"public\" certificate; client certificates verified there and passed on as front-proxy identity", "gateway", w.terminate);
     let _ = writeln!(s, "  {:<12} {}  (cluster CA, public CA, admin and node certificates, kubeconfigs, apilb.toml)\n", "files", f.dir.display());
     let _ = writeln!(s, "Certificate users, through the passthrough listener (each answer names the apiserver and who you are):");
     let _ = writeln!(
@@ -352,7 +381,21 @@ fn instructions(servers: &[ApiServer], w: &Shown<'_>) -> String {
         "  kubectl --kubeconfig {} get --raw /whoami",
         w.token_kubeconfig.display()
     );
-    let _ = writeln!(s, "  curl --cacert {public_ca} --cert {} --key {} {public}/whoami   # anonymous: the certificate ends at the gateway", f.admin_cert.display(), f.admin_key.display());
+    let _ = writeln!(
+        s,
+        "\nCertificate users through the same public certificate (front-proxy identity: the gateway verifies the certificate and tells the apiserver who you are):"
+    );
+    let _ = writeln!(
+        s,
+        "  curl --cacert {public_ca} --cert {} --key {} {public}/whoami",
+        f.admin_cert.display(),
+        f.admin_key.display()
+    );
+    let _ = writeln!(
+        s,
+        "  kubectl --kubeconfig {} get --raw /whoami",
+        w.public_kubeconfig.display()
+    );
     let _ = writeln!(
         s,
         "\nWhat the gateway sees: http://{}/status (also /metrics, /readyz, /api/status)",

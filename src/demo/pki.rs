@@ -184,6 +184,11 @@ pub struct Pki {
     pub public_ca: Ca,
     /// The terminate listener's certificate from [`Pki::public_ca`], for the loopback names.
     pub public: CertKey,
+    /// kubeadm's `front-proxy-ca`: what the apiservers trust to vouch for users (SPEC §10).
+    pub front_proxy_ca: Ca,
+    /// kubeadm's `front-proxy-client` (CN `front-proxy-client`), the gateway's identity in
+    /// front-proxy mode.
+    pub front_proxy_client: CertKey,
 }
 
 /// Paths of a PKI written to a folder.
@@ -214,6 +219,12 @@ pub struct PkiFiles {
     pub public_cert: PathBuf,
     /// `public.key`
     pub public_key: PathBuf,
+    /// `front-proxy-ca.crt`
+    pub front_proxy_ca: PathBuf,
+    /// `front-proxy-client.crt`
+    pub front_proxy_client_cert: PathBuf,
+    /// `front-proxy-client.key`
+    pub front_proxy_client_key: PathBuf,
 }
 
 impl Pki {
@@ -228,6 +239,8 @@ impl Pki {
         let node = ca.client("system:node:worker0", &["system:nodes"])?;
         let public_ca = Ca::new("apilb-demo-public-ca")?;
         let public = public_ca.server("apilb.demo.test", PUBLIC_SANS, 90)?;
+        let front_proxy_ca = Ca::new("front-proxy-ca")?;
+        let front_proxy_client = front_proxy_ca.client("front-proxy-client", &[])?;
         Ok(Self {
             ca,
             apiserver,
@@ -235,6 +248,8 @@ impl Pki {
             node,
             public_ca,
             public,
+            front_proxy_ca,
+            front_proxy_client,
         })
     }
 
@@ -257,6 +272,9 @@ impl Pki {
             public_ca: dir.join("public-ca.crt"),
             public_cert: dir.join("public.crt"),
             public_key: dir.join("public.key"),
+            front_proxy_ca: dir.join("front-proxy-ca.crt"),
+            front_proxy_client_cert: dir.join("front-proxy-client.crt"),
+            front_proxy_client_key: dir.join("front-proxy-client.key"),
         };
         write_file(&files.ca, &self.ca.cert_pem, CERT_MODE)?;
         write_file(&files.ca_key, &self.ca.key_pem(), KEY_MODE)?;
@@ -269,6 +287,21 @@ impl Pki {
         write_file(&files.public_ca, &self.public_ca.cert_pem, CERT_MODE)?;
         write_file(&files.public_cert, &self.public.cert_pem, CERT_MODE)?;
         write_file(&files.public_key, &self.public.key_pem, KEY_MODE)?;
+        write_file(
+            &files.front_proxy_ca,
+            &self.front_proxy_ca.cert_pem,
+            CERT_MODE,
+        )?;
+        write_file(
+            &files.front_proxy_client_cert,
+            &self.front_proxy_client.cert_pem,
+            CERT_MODE,
+        )?;
+        write_file(
+            &files.front_proxy_client_key,
+            &self.front_proxy_client.key_pem,
+            KEY_MODE,
+        )?;
         Ok(files)
     }
 }
