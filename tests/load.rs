@@ -457,3 +457,73 @@ async fn the_load_command_apilb_demo_prints_runs() {
     signal(demo.0.id(), "INT");
     assert_eq!(wait_exit(&mut demo.0, 20), 0);
 }
+
+/// SPEC §11 end to end: simulated kubelets through the gateway, an apiserver restarted
+/// mid-run; with `[pool.rebalance]` the spread `--admin` reports at the end is within
+/// `max_skew` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rebalance_a_restarted_apiserver_gets_its_share_back_during_the_run() {
+    let mut c = SimCluster::start_with(
+        3,
+        StoreLimits::default(),
+        "[pool.rebalance]\nmax_skew = 0.25\nrate = 20\nmin_age = \"1s\"",
+    )
+    .await;
+    let admin = c.gw.handle().admin_addr().expect("admin");
+    let kc = c.kubeconfig.display().to_string();
+    let admin_url = format!("http://{admin}");
+    let run = tokio::spawn(load(args(&[
+        "--kubeconfig",
+        &kc,
+        "--nodes",
+        "60",
+        "--duration",
+        "16s",
+        "--ramp",
+        "1s",
+        // Real kubelets renew every 10 s; a client that sends something every second is
+        // never quiet enough to be moved (the one-second rule).
+        "--lease-interval",
+        "5s",
+        "--admin",
+        &admin_url,
+        "--output",
+        "json",
+    ])));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let addr0 = c.servers[0].addr();
+    c.servers[0].stop();
+    eventually(5, "b0 unhealthy", || {
+        c.gw.handle()
+            .backend_status("p", "b0")
+            .is_some_and(|s| s.state.as_str() != "healthy")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.servers[0] = start_sim(&c.tls, &c.store, 0, addr0).await;
+    let r = json_report(&run.await.expect("join"));
+    let spread = r["spread"].as_array().expect("spread");
+    let active: Vec<u64> = spread
+        .iter()
+        .map(|b| b["active"].as_u64().unwrap_or(0))
+        .collect();
+    let total: u64 = active.iter().sum();
+    assert_eq!(total, 60, "one connection per node: {spread:?}");
+    let fair = total as f64 / 3.0;
+    assert!(
+        active.iter().all(|a| (*a as f64) <= 1.25 * fair),
+        "spread beyond max_skew at the end: {active:?}"
+    );
+    assert!(
+        c.gw.metrics().value_or_zero(
+            "apilb_pool_rebalanced_total",
+            &[("pool", "p"), ("backend", "b1")]
+        ) + c.gw.metrics().value_or_zero(
+            "apilb_pool_rebalanced_total",
+            &[("pool", "p"), ("backend", "b2")]
+        ) > 0.0,
+        "the surplus was moved by the rebalancer"
+    );
+    assert_eq!(r["watches"]["open"], 120, "no watch lost: {r:#}");
+    c.gw.shutdown().await;
+}

@@ -64,6 +64,11 @@ pub async fn start_sim(
 
 impl SimCluster {
     pub async fn start(n: usize, limits: StoreLimits) -> Self {
+        Self::start_with(n, limits, "").await
+    }
+
+    /// [`SimCluster::start`] with more pool settings (such as `[pool.rebalance]`).
+    pub async fn start_with(n: usize, limits: StoreLimits, pool_extra: &str) -> Self {
         let tls = TlsFixture::new();
         let store = Store::new(limits);
         let mut servers = Vec::new();
@@ -72,7 +77,7 @@ impl SimCluster {
         }
         let addrs: Vec<SocketAddr> = servers.iter().map(ApiServer::addr).collect();
         let pool = format!(
-            "balance = \"least-conn\"\n[pool.health]\ncheck = \"https\"\npath = \"/readyz\"\ninterval = \"300ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"",
+            "balance = \"least-conn\"\n[pool.health]\ncheck = \"https\"\npath = \"/readyz\"\ninterval = \"300ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1\n[pool.tls]\nca = \"{}\"\nserver_name = \"kubernetes\"\n{pool_extra}",
             tls.ca().display()
         );
         let gw = gateway(&format!(
