@@ -119,24 +119,10 @@ pub(crate) async fn serve(
     // connection's whole life, not two.
     let connected = Box::pin(async {
         let sni_at = tokio::time::Instant::now() + state.cfg.sni_timeout;
-        if state.cfg.proxy_protocol {
-            let header = tokio::select! {
-                r = tokio::time::timeout_at(sni_at, crate::proxy_protocol::read_header(&client)) => r,
-                () = state.drain.cancelled() => return None,
-            };
-            match header {
-                Ok(Ok(Some(source))) => client_addr = source,
-                Ok(Ok(None)) => {}
-                Ok(Err(why)) => {
-                    state.log_rejected(client_addr, started, End::ProxyProtocol, why);
-                    return None;
-                }
-                Err(_) => {
-                    state.log_rejected(client_addr, started, End::ProxyProtocol, "no whole PROXY header within sni_timeout");
-                    return None;
-                }
-            }
-        }
+        client_addr = tokio::select! {
+            c = state.proxied_client(&client, client_addr, started) => c?,
+            () = state.drain.cancelled() => return None,
+        };
         let (pool, tag, first) = if state.routes.is_empty() {
             let waited = tokio::select! {
                 w = first_bytes(&client, state.cfg.first_byte_timeout) => w,

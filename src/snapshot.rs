@@ -134,6 +134,41 @@ impl ListenerSnapshot {
         }
     }
 
+    /// With `proxy_protocol`: reads the PROXY header within `sni_timeout` and returns the
+    /// client address it carries (the socket's for `LOCAL`); `None`, counted and logged as
+    /// `proxy_protocol`, when there is no valid header in time. Without: `client` as is.
+    pub(crate) async fn proxied_client(
+        &self,
+        tcp: &tokio::net::TcpStream,
+        client: SocketAddr,
+        started: Instant,
+    ) -> Option<SocketAddr> {
+        if !self.cfg.proxy_protocol {
+            return Some(client);
+        }
+        let header = tokio::time::timeout(
+            self.cfg.sni_timeout,
+            crate::proxy_protocol::read_header(tcp),
+        )
+        .await;
+        match header {
+            Ok(Ok(source)) => Some(source.unwrap_or(client)),
+            Ok(Err(why)) => {
+                self.log_rejected(client, started, End::ProxyProtocol, why);
+                None
+            }
+            Err(_) => {
+                self.log_rejected(
+                    client,
+                    started,
+                    End::ProxyProtocol,
+                    "no whole PROXY header within sni_timeout",
+                );
+                None
+            }
+        }
+    }
+
     /// A connection closed before any backend was chosen (`no_route`, `sni_timeout`,
     /// `proxy_protocol`): its counter, and its access line (an empty connection, so
     /// `log_empty` applies).

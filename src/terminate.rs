@@ -113,37 +113,13 @@ async fn establish(
     state: &ListenerSnapshot,
     started: Instant,
 ) -> Option<Established> {
-    let mut client_addr = client_addr;
     let Some(tls) = state.cfg.tls.as_ref() else {
         // Validation guarantees [listener.tls] for terminate listeners.
         return None;
     };
     let listener = state.cfg.name.as_str();
     let errors = &state.metrics.tls;
-    if state.cfg.proxy_protocol {
-        let header = tokio::time::timeout(
-            state.cfg.sni_timeout,
-            crate::proxy_protocol::read_header(&tcp),
-        )
-        .await;
-        match header {
-            Ok(Ok(Some(source))) => client_addr = source,
-            Ok(Ok(None)) => {}
-            Ok(Err(why)) => {
-                state.log_rejected(client_addr, started, End::ProxyProtocol, why);
-                return None;
-            }
-            Err(_) => {
-                state.log_rejected(
-                    client_addr,
-                    started,
-                    End::ProxyProtocol,
-                    "no whole PROXY header within sni_timeout",
-                );
-                return None;
-            }
-        }
-    }
+    let client_addr = state.proxied_client(&tcp, client_addr, started).await?;
     let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
     let local = tcp.local_addr().ok();
 

@@ -420,6 +420,24 @@ impl TerminateServer {
     }
 }
 
+/// The Kubernetes identity a client certificate names: its subject CN (the user) and every
+/// subject O (the groups), as kube-apiserver reads it; `None` without a CN or unparsable.
+pub fn subject_identity(der: &[u8]) -> Option<(String, Vec<String>)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let user = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())?
+        .to_string();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok())
+        .map(str::to_string)
+        .collect();
+    Some((user, groups))
+}
+
 /// Whether certificate `der` was issued by one of the CAs in `roots` (its issuer is one of
 /// their subjects): the `[listener.identity]` check of SPEC §10.
 pub fn issued_by_one_of(der: &[u8], roots: &RootCertStore) -> bool {

@@ -29,6 +29,16 @@ async fn setup(servers: usize) -> Setup {
 
 /// [`setup`] with the apiservers' watch event interval and more `[[listener]]` keys.
 async fn setup_with(servers: usize, watch_interval: Duration, listener_extra: &str) -> Setup {
+    setup_full(servers, watch_interval, listener_extra, "").await
+}
+
+/// [`setup_with`] with more `[listener.tls]` keys too.
+async fn setup_full(
+    servers: usize,
+    watch_interval: Duration,
+    listener_extra: &str,
+    tls_extra: &str,
+) -> Setup {
     let tls = TlsFixture::new();
     let fp = Ca::new("front-proxy-ca").expect("ca");
     let fp_client = fp.client("front-proxy-client", &[]).expect("cert");
@@ -64,7 +74,7 @@ async fn setup_with(servers: usize, watch_interval: Duration, listener_extra: &s
     let cfg = format!(
         "[[pool]]\nname = \"p\"\nbalance = \"round-robin\"\n{}\n[pool.tls]\nca = \"{ca}\"\nserver_name = \"kubernetes\"\n\
          [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nmode = \"terminate\"\npool = \"p\"\n{listener_extra}\n\
-         [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\nhandshake_timeout = \"1s\"\nclient_ca = \"{ca}\"\n\
+         [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\nhandshake_timeout = \"1s\"\nclient_ca = \"{ca}\"\n{tls_extra}\n\
          [listener.identity]\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
         backends_toml(&addrs),
         tls.files.public_cert.display(),
@@ -502,4 +512,35 @@ async fn kubectl_with_a_client_certificate_is_its_user_through_the_public_certif
         ("admin", "front-proxy")
     );
     assert_eq!(w.groups, vec!["system:masters".to_string()]);
+}
+
+#[tokio::test]
+async fn behind_a_proxy_protocol_balancer_x_forwarded_for_is_the_original_client() {
+    let s = setup_full(1, Duration::from_millis(50), "proxy_protocol = true", "").await;
+    // What an NLB with PROXY v2 sends in front of the client's TLS: 203.0.113.9:5000.
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12, 203, 0, 113, 9, 127, 0, 0, 1]);
+    h.extend_from_slice(&5000u16.to_be_bytes());
+    h.extend_from_slice(&443u16.to_be_bytes());
+    let mut tcp = tokio::net::TcpStream::connect(s.gw.addr())
+        .await
+        .expect("tcp");
+    tcp.write_all(&h).await.expect("header");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls =
+        tokio_rustls::TlsConnector::from(s.tls.public_client(Some(&s.tls.pki.node), &["http/1.1"]))
+            .connect(name, tcp)
+            .await
+            .expect("TLS after the PROXY header");
+    let mut tls = tls;
+    tls.write_all(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 1.2.3.4\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    within(10, "answer", tls.read_to_end(&mut out)).await.ok();
+    let text = String::from_utf8_lossy(&out);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let w = who(body.trim());
+    assert_eq!(w.forwarded_for, vec!["203.0.113.9".to_string()], "{text}");
+    assert_eq!(w.user, "system:node:worker0");
 }

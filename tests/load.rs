@@ -418,16 +418,24 @@ async fn the_load_command_apilb_demo_prints_runs() {
             .expect("spawn demo"),
     );
     let stdout = demo.0.stdout.take().expect("stdout");
+    // The reader goes on draining the demo's stdout after the line is found: a closed pipe
+    // would make the demo's next write fail.
+    let (found, line) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if l.contains(" load --kubeconfig ") {
+                let _ = found.send(l);
+            }
+        }
+    });
     let line = within(
         30,
         "the demo's load line",
-        tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find(|l| l.contains(" load --kubeconfig "))
-        }),
+        tokio::task::spawn_blocking(move || line.recv().ok()),
     )
     .await
     .expect("join")
@@ -525,5 +533,13 @@ async fn with_rebalance_a_restarted_apiserver_gets_its_share_back_during_the_run
         "the surplus was moved by the rebalancer"
     );
     assert_eq!(r["watches"]["open"], 120, "no watch lost: {r:#}");
+    // The skew is on /api/status too, per pool.
+    let (_, _, body) = admin_request(admin, "GET", "/api/status").await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    let skew = v["pools"][0]["connection_skew"]
+        .as_f64()
+        .expect("connection_skew");
+    assert!(skew <= 1.25, "{skew}");
+    assert_eq!(v["pools"][0]["rebalance"]["rate"], 20);
     c.gw.shutdown().await;
 }

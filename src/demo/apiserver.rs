@@ -485,17 +485,7 @@ async fn serve_conn(
 
 /// User (CN) and groups (every O) of a client certificate; `None` if it cannot be parsed.
 fn identity_from_cert(der: &[u8]) -> Option<Identity> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    let user = subject
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())?
-        .to_string();
-    let groups = subject
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok().map(str::to_string))
-        .collect();
+    let (user, groups) = tls::subject_identity(der)?;
     Some(Identity { user, groups })
 }
 

@@ -27,18 +27,7 @@ impl Verified {
     /// The subject of a DER certificate (already verified by rustls against `client_ca`);
     /// `None` without a CN, which kube-apiserver would not accept either.
     pub(crate) fn of(der: &[u8]) -> Option<Self> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        let subject = cert.subject();
-        let user = subject
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())?
-            .to_string();
-        let groups = subject
-            .iter_organization()
-            .filter_map(|o| o.as_str().ok())
-            .map(str::to_string)
-            .collect();
+        let (user, groups) = crate::tls::subject_identity(der)?;
         Some(Self { user, groups })
     }
 }
