@@ -19,8 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// (allowed name `front-proxy-client`), and a gateway in identity mode in front.
 struct Setup {
     tls: TlsFixture,
-    _servers: Vec<ApiServer>,
+    servers: Vec<ApiServer>,
     gw: Gw,
+    /// The front-proxy CA, PEM (to start an apiserver again).
+    fp_ca: String,
 }
 
 async fn setup(servers: usize) -> Setup {
@@ -86,8 +88,9 @@ async fn setup_full(
     let gw = gateway(&cfg).await;
     Setup {
         tls,
-        _servers: v,
+        servers: v,
         gw,
+        fp_ca: fp.cert_pem.clone(),
     }
 }
 
@@ -543,4 +546,145 @@ async fn behind_a_proxy_protocol_balancer_x_forwarded_for_is_the_original_client
     let w = who(body.trim());
     assert_eq!(w.forwarded_for, vec!["203.0.113.9".to_string()], "{text}");
     assert_eq!(w.user, "system:node:worker0");
+}
+
+#[tokio::test]
+async fn thirty_watches_over_one_h2_connection_spread_and_a_returning_backend_gets_requests_at_once(
+) {
+    let mut s = setup(3).await;
+    let f = s.tls.files.clone();
+    // 30 watches multiplexed over one HTTP/2 connection (curl --parallel), each ended by
+    // curl after 2 s; each response names the apiserver that served it.
+    let mut args: Vec<String> = vec![
+        "-s".into(),
+        "--http2".into(),
+        "--parallel".into(),
+        "--parallel-max".into(),
+        "30".into(),
+        "-m".into(),
+        "2".into(),
+        "-D".into(),
+        "-".into(),
+        "--cacert".into(),
+        p(&f.public_ca),
+    ];
+    args.extend(cert_args(&s, &f.admin_cert, &f.admin_key));
+    for _ in 0..30 {
+        args.push("-o".into());
+        args.push("/dev/null".into());
+        args.push(format!(
+            "https://127.0.0.1:{}/api/v1/namespaces/default/pods?watch=1",
+            s.gw.addr().port()
+        ));
+    }
+    let out = within(
+        30,
+        "30 watches",
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(&args)
+                .output()
+                .expect("curl")
+        }),
+    )
+    .await
+    .expect("join");
+    let heads = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    let per: Vec<usize> = (0..3)
+        .map(|i| {
+            heads
+                .matches(&format!("x-apilb-apiserver: apiserver-{i}"))
+                .count()
+        })
+        .collect();
+    assert_eq!(per.iter().sum::<usize>(), 30, "{heads}");
+    assert!(
+        per.iter().all(|n| *n >= 8),
+        "watches per apiserver: {per:?}"
+    );
+    assert_eq!(
+        s.gw.metric("apilb_listener_connections_total", &[("listener", "l")]),
+        1.0,
+        "one client connection"
+    );
+
+    // One apiserver stops: requests go to the others; it comes back on its port and, over
+    // the same client connection, gets requests at once.
+    let client = s.tls.public_client(Some(&s.tls.pki.admin), &["http/1.1"]);
+    let mut conn = tls_connect(s.gw.addr(), client, "localhost")
+        .await
+        .expect("tls");
+    let addr0 = s.servers[0].addr();
+    s.servers[0].stop();
+    eventually(10, "apiserver-0 marked down", || {
+        s.gw.metric("apilb_backend_healthy", &[("pool", "p"), ("backend", "b0")]) == 0.0
+    })
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        seen.push(get_on(&mut conn).await);
+    }
+    assert!(!seen.iter().any(|b| b == "apiserver-0"), "{seen:?}");
+    let fp = s.fp_ca.clone();
+    let mut opts = sim_options(&s.tls, 0, addr0);
+    opts.name = "apiserver-0".into();
+    s.servers[0] = within(10, "restart apiserver-0", async {
+        loop {
+            let r = ApiServer::start_with_front_proxy(
+                opts.clone(),
+                None,
+                FrontProxy {
+                    ca_pem: fp.clone(),
+                    allowed_names: vec!["front-proxy-client".into()],
+                },
+            )
+            .await;
+            match r {
+                Ok(a) => break a,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    eventually(10, "apiserver-0 healthy again", || {
+        s.gw.metric("apilb_backend_healthy", &[("pool", "p"), ("backend", "b0")]) == 1.0
+    })
+    .await;
+    let mut after = Vec::new();
+    for _ in 0..6 {
+        after.push(get_on(&mut conn).await);
+    }
+    assert!(after.iter().any(|b| b == "apiserver-0"), "{after:?}");
+}
+
+/// One `GET /whoami` on an open HTTP/1.1 connection; the backend that answered.
+async fn get_on(conn: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    conn.write_all(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    within(10, "answer", async {
+        loop {
+            let n = conn.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_string)
+                    })
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    return who(&body[..len]).backend;
+                }
+            }
+        }
+    })
+    .await
 }
