@@ -688,3 +688,54 @@ async fn get_on(conn: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream
     })
     .await
 }
+
+#[tokio::test]
+async fn an_h2_client_resetting_streams_in_a_loop_is_closed_and_harms_nobody() {
+    let s = setup(1).await;
+    let tls = tls_connect(s.gw.addr(), s.tls.public_client(None, &["h2"]), "localhost")
+        .await
+        .expect("tls");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (client, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    // CVE-2023-44487: open a stream and reset it at once, over and over.
+    let mut sent = 0;
+    let mut client = client;
+    let ended = within(30, "the rapid-reset connection ends", async {
+        loop {
+            let Ok(c) = client.clone().ready().await else {
+                break true;
+            };
+            client = c;
+            let req = hyper::Request::get("https://localhost/whoami")
+                .body(())
+                .expect("request");
+            let Ok((_resp, mut stream)) = client.send_request(req, false) else {
+                break true;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+            sent += 1;
+            if sent >= 100_000 {
+                break false;
+            }
+            if sent % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended,
+        "100,000 reset streams and the connection is still open"
+    );
+    let _ = within(10, "driver", driver).await;
+    assert!(sent < 100_000, "closed after {sent} streams");
+    eprintln!("the rapid-reset connection was closed after {sent} reset streams");
+    eventually(5, "counted", || {
+        s.gw.metric("apilb_http_connection_errors_total", &[("listener", "l")]) >= 1.0
+    })
+    .await;
+    // Others are served.
+    let w = who(&curl(&s, &["--http2".to_string()], &["/whoami"]).await);
+    assert_eq!(w.authenticated_by, "anonymous");
+}
