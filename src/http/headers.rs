@@ -8,8 +8,6 @@
 //! `X-Forwarded-For` is replaced by the client's address. Only then are the identity
 //! headers set, from the certificate alone.
 
-use std::net::IpAddr;
-
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::IdentityConfig;
@@ -46,38 +44,43 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Applies SPEC §10 to a request's headers: strips every identity header and
-/// `X-Forwarded-For`, sets `X-Forwarded-For` to `client`, and the identity headers from
+/// `X-Forwarded-For`, sets `X-Forwarded-For` to `client` (the address, made once per
+/// connection), and the identity headers from
 /// `verified`. `upgrade`: the request is an upgrade, whose `Connection`/`Upgrade` headers
 /// must reach the backend; otherwise hop-by-hop headers go too.
 pub(crate) fn prepare(
     headers: &mut HeaderMap,
     id: &IdentityConfig,
     verified: Option<&Verified>,
-    client: IpAddr,
+    client: &HeaderValue,
     upgrade: bool,
 ) {
-    let user = id.user_header.to_ascii_lowercase();
-    let group = id.group_header.to_ascii_lowercase();
-    let extra = id.extra_header_prefix.to_ascii_lowercase();
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            let k = k.as_str();
-            k == user
-                || k == group
-                || k.starts_with(&extra)
-                || k == "x-forwarded-for"
-                || (!upgrade && HOP_BY_HOP.contains(&k))
-        })
-        .cloned()
-        .collect();
-    for k in doomed {
-        headers.remove(&k);
+    // Names in the config are any case; hyper's are lower case.
+    let user = id.user_header.as_str();
+    let group = id.group_header.as_str();
+    let extra = id.extra_header_prefix.as_str();
+    let doomed = |k: &str| {
+        k.eq_ignore_ascii_case(user)
+            || k.eq_ignore_ascii_case(group)
+            || k.get(..extra.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(extra))
+            || k == "x-forwarded-for"
+            || (!upgrade && HOP_BY_HOP.contains(&k))
+    };
+    // Most requests carry none of them: no allocation then.
+    if headers.keys().any(|k| doomed(k.as_str())) {
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| doomed(k.as_str()))
+            .cloned()
+            .collect();
+        for k in names {
+            headers.remove(&k);
+        }
     }
-    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
+    headers.insert(HeaderName::from_static("x-forwarded-for"), client.clone());
     let Some(v) = verified else { return };
+    // HeaderName::from_bytes lower-cases.
     let (Ok(user_name), Ok(group_name)) = (
         HeaderName::from_bytes(user.as_bytes()),
         HeaderName::from_bytes(group.as_bytes()),
@@ -189,7 +192,13 @@ mod tests {
     #[test]
     fn spoofed_identity_headers_are_removed_for_clients_without_certificates() {
         let mut h = spoofed();
-        prepare(&mut h, &id(), None, "10.0.0.9".parse().expect("ip"), false);
+        prepare(
+            &mut h,
+            &id(),
+            None,
+            &HeaderValue::from_static("10.0.0.9"),
+            false,
+        );
         assert!(h.get("x-remote-user").is_none());
         assert!(h.get("x-remote-group").is_none());
         assert!(h.keys().all(|k| !k.as_str().starts_with("x-remote-extra-")));
@@ -212,7 +221,7 @@ mod tests {
             &mut h,
             &id(),
             Some(&v),
-            "10.0.0.9".parse().expect("ip"),
+            &HeaderValue::from_static("10.0.0.9"),
             false,
         );
         let users: Vec<_> = h.get_all("x-remote-user").iter().collect();
@@ -232,7 +241,7 @@ mod tests {
         h.insert("x-auth-user", HeaderValue::from_static("admin"));
         h.insert("x-auth-extra-a", HeaderValue::from_static("1"));
         h.insert("x-remote-user", HeaderValue::from_static("kept"));
-        prepare(&mut h, &cfg, None, "::1".parse().expect("ip"), false);
+        prepare(&mut h, &cfg, None, &HeaderValue::from_static("::1"), false);
         assert!(h.get("x-auth-user").is_none() && h.get("x-auth-extra-a").is_none());
         assert_eq!(h["x-remote-user"], "kept");
         assert_eq!(h["x-forwarded-for"], "::1");
@@ -243,7 +252,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("Upgrade"));
         h.insert("upgrade", HeaderValue::from_static("SPDY/3.1"));
-        prepare(&mut h, &id(), None, "10.0.0.1".parse().expect("ip"), true);
+        prepare(
+            &mut h,
+            &id(),
+            None,
+            &HeaderValue::from_static("10.0.0.1"),
+            true,
+        );
         assert_eq!(h["upgrade"], "SPDY/3.1");
     }
 

@@ -59,6 +59,8 @@ struct Conn {
     pool: Arc<Pool>,
     route: crate::snapshot::RouteTag,
     client: SocketAddr,
+    /// The client's address as `X-Forwarded-For` sets it.
+    forwarded: hyper::header::HeaderValue,
     verified: Option<Verified>,
 }
 
@@ -79,6 +81,8 @@ pub(crate) async fn serve<IO>(
         pool,
         route,
         client,
+        forwarded: hyper::header::HeaderValue::from_str(&client.ip().to_string())
+            .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("unknown")),
         verified,
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -206,7 +210,7 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBo
         req.headers_mut(),
         id,
         conn.verified.as_ref(),
-        conn.client.ip(),
+        &conn.forwarded,
         upgrade,
     );
     let identity = conn.verified.as_ref().map(|_| &id.client);

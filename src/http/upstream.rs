@@ -34,8 +34,14 @@ pub(crate) enum Sender {
 /// The connections of one listener snapshot to the backends of its pools.
 #[derive(Default)]
 pub(crate) struct Upstreams {
-    /// (backend address, presents the gateway's identity) -> the shared h2 connection.
-    h2: Mutex<HashMap<(SocketAddr, bool), hyper::client::conn::http2::SendRequest<UpBody>>>,
+    /// (backend address, presents the gateway's identity) -> the shared h2 connection; read
+    /// under a plain lock for each request (a clone), held for no await.
+    h2: std::sync::Mutex<
+        HashMap<(SocketAddr, bool), hyper::client::conn::http2::SendRequest<UpBody>>,
+    >,
+    /// Held while a connection is being made, so concurrent requests to a backend without
+    /// one wait for it instead of each opening their own.
+    connecting: Mutex<()>,
     /// TLS client configurations by (pool, identity, ALPN), built once.
     configs: std::sync::Mutex<HashMap<(String, bool, bool), Arc<rustls::ClientConfig>>>,
 }
@@ -84,14 +90,13 @@ impl Upstreams {
         identity: Option<&crate::tls::Identity>,
     ) -> Result<Sender, String> {
         let key = (backend.addr, identity.is_some());
-        // Held across the connect: concurrent requests to a backend without a connection
-        // wait for the one being made instead of each opening their own.
-        let mut h2 = self.h2.lock().await;
-        if let Some(s) = h2.get(&key) {
-            if s.is_ready() {
-                return Ok(Sender::H2(s.clone()));
-            }
-            h2.remove(&key);
+        if let Some(s) = self.ready_h2(&key) {
+            return Ok(Sender::H2(s));
+        }
+        let _connecting = self.connecting.lock().await;
+        // Someone else may have connected while this request waited.
+        if let Some(s) = self.ready_h2(&key) {
+            return Ok(Sender::H2(s));
         }
         let config = self.config(pool, identity, false)?;
         let tls = connect(pool, backend, config).await?;
@@ -106,10 +111,11 @@ impl Upstreams {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            h2.insert(key, send.clone());
+            if let Ok(mut m) = self.h2.lock() {
+                m.insert(key, send.clone());
+            }
             Ok(Sender::H2(send))
         } else {
-            drop(h2);
             let (send, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(|e| format!("HTTP/1.1 to {}: {e}", backend.name))?;
@@ -117,6 +123,22 @@ impl Upstreams {
                 let _ = conn.await;
             });
             Ok(Sender::H1(send))
+        }
+    }
+
+    /// The shared h2 connection for `key` when it is up (a closed one is forgotten).
+    fn ready_h2(
+        &self,
+        key: &(SocketAddr, bool),
+    ) -> Option<hyper::client::conn::http2::SendRequest<UpBody>> {
+        let mut m = self.h2.lock().ok()?;
+        match m.get(key) {
+            Some(s) if s.is_ready() => Some(s.clone()),
+            Some(_) => {
+                m.remove(key);
+                None
+            }
+            None => None,
         }
     }
 
