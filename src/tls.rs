@@ -425,11 +425,12 @@ impl TerminateServer {
 pub fn subject_identity(der: &[u8]) -> Option<(String, Vec<String>)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
-    let user = subject
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())?
-        .to_string();
+    // Exactly one CN: readers differ on which of several counts (Go takes the last).
+    let mut cns = subject.iter_common_name();
+    let user = cns.next().and_then(|cn| cn.as_str().ok())?.to_string();
+    if cns.next().is_some() {
+        return None;
+    }
     let groups = subject
         .iter_organization()
         .filter_map(|o| o.as_str().ok())

@@ -195,16 +195,22 @@ impl Validator<'_> {
             &k("client_key"),
             &source,
         )?;
-        if let (Some(roots), Some(leaf)) = (
-            tls.and_then(|t| t.client_ca.as_ref()),
-            client.chain().first(),
-        ) {
-            if crate::tls::issued_by_one_of(leaf.as_ref(), roots) {
+        if let Some(roots) = tls.and_then(|t| t.client_ca.as_ref()) {
+            // Any certificate of the chain issued by a client_ca CA (an intermediate, a
+            // cross-signed CA) makes the chain one an apiserver trusting that CA accepts.
+            if client
+                .chain()
+                .iter()
+                .any(|c| crate::tls::issued_by_one_of(c.as_ref(), roots))
+            {
                 self.error(id.client_cert.span(), k("client_cert"), format!(
                     "{} was issued by a CA in client_ca: an apiserver that trusts that CA for client certificates would take every request without identity headers (token users, anonymous ones) as the gateway's own identity; use kubeadm's front-proxy-client certificate, from the front-proxy CA",
                     self.path(id.client_cert.get_ref()).display()
                 ));
             }
+        }
+        if tls.is_some_and(|t| t.client_ca.is_none()) {
+            self.warn(span.clone(), format!("listener[{i}].identity"), "[listener.identity] without [listener.tls] client_ca: no client certificate is asked for, so every request goes on as a token user or anonymous; set client_ca to the cluster CA");
         }
         let mut header = |v: &Option<Spanned<String>>, key: &str, default: &str| -> String {
             let Some(v) = v else {

@@ -24,11 +24,28 @@ pub(crate) struct Verified {
 impl Verified {
     /// The subject of a DER certificate (already verified by rustls against `client_ca`);
     /// `None` without a CN, which kube-apiserver would not accept either.
+    /// `None` (the client is treated as unverified: no identity headers, no front-proxy
+    /// connection) unless the certificate names exactly one CN and every name can travel as
+    /// a header unchanged: no spaces at either end (an HTTP/1.1 reader trims them, so
+    /// `"system:node:a "` would arrive as `system:node:a`), no control characters.
     pub(crate) fn of(der: &[u8]) -> Option<Self> {
         let (user, groups) = crate::tls::subject_identity(der)?;
+        let clean = |v: &str| {
+            !v.is_empty()
+                && v.trim() == v
+                && !v.chars().any(char::is_control)
+                && HeaderValue::from_str(v).is_ok()
+        };
+        if !clean(&user) || !groups.iter().all(|g| clean(g)) {
+            return None;
+        }
         Some(Self { user, groups })
     }
 }
+
+/// Headers that claim the client's address (kube-apiserver's audit reads X-Real-Ip after
+/// X-Forwarded-For): none of the client's own reach the apiserver.
+const CLIENT_ADDRESS: [&str; 3] = ["x-forwarded-for", "x-real-ip", "forwarded"];
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), and not allowed at all
 /// in HTTP/2.
@@ -64,7 +81,7 @@ pub(crate) fn prepare(
             || k.eq_ignore_ascii_case(group)
             || k.get(..extra.len())
                 .is_some_and(|p| p.eq_ignore_ascii_case(extra))
-            || k == "x-forwarded-for"
+            || CLIENT_ADDRESS.contains(&k)
             || (!upgrade && HOP_BY_HOP.contains(&k))
     };
     // Most requests carry none of them: no allocation then.
@@ -177,6 +194,8 @@ mod tests {
             ("X-Remote-Extra-Scopes", "x"),
             ("x-remote-extra-", "y"),
             ("X-Forwarded-For", "1.2.3.4"),
+            ("X-Real-Ip", "1.2.3.4"),
+            ("Forwarded", "for=1.2.3.4"),
             ("Authorization", "Bearer t"),
             ("Connection", "keep-alive"),
             ("Accept", "application/json"),
@@ -204,6 +223,7 @@ mod tests {
         assert!(h.keys().all(|k| !k.as_str().starts_with("x-remote-extra-")));
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert!(h.get("x-real-ip").is_none() && h.get("forwarded").is_none());
         // The token passes untouched; hop-by-hop headers do not.
         assert_eq!(h["authorization"], "Bearer t");
         assert!(h.get("connection").is_none());
@@ -315,6 +335,32 @@ mod tests {
                 true
             ),
             "connect"
+        );
+    }
+
+    #[test]
+    fn names_that_would_change_on_the_way_are_not_an_identity() {
+        let ca = crate::demo::pki::Ca::new("c").expect("ca");
+        for (cn, groups) in [
+            ("system:node:victim ", vec![]),
+            (" admin", vec![]),
+            ("admin", vec!["system:masters "]),
+            ("adm\tin", vec![]),
+        ] {
+            let c = ca.client(cn, &groups).expect("cert");
+            let der = crate::tls::certs_from_pem(c.cert_pem.as_bytes(), "c").expect("der");
+            assert_eq!(Verified::of(der[0].as_ref()), None, "{cn:?} {groups:?}");
+        }
+        let c = ca
+            .client("system:node:worker0", &["system:nodes"])
+            .expect("cert");
+        let der = crate::tls::certs_from_pem(c.cert_pem.as_bytes(), "c").expect("der");
+        assert_eq!(
+            Verified::of(der[0].as_ref()),
+            Some(Verified {
+                user: "system:node:worker0".into(),
+                groups: vec!["system:nodes".into()]
+            })
         );
     }
 }

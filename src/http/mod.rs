@@ -331,9 +331,16 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBo
 fn authority(pool: &Pool, backend: &crate::balance::Backend, headers: &hyper::HeaderMap) -> String {
     match pool.server_name(backend) {
         rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_string(),
+        // The client's Host only when it is an authority and nothing more: pasted into the
+        // request target, `h/api/...` would change the path sent.
         _ => headers
             .get(hyper::header::HOST)
             .and_then(|h| h.to_str().ok())
+            .filter(|h| {
+                h.parse::<hyper::http::uri::Authority>()
+                    .is_ok_and(|a| a.as_str() == *h)
+                    && !h.contains(['/', '?', '#', '@'])
+            })
             .map_or_else(|| backend.addr.to_string(), str::to_string),
     }
 }

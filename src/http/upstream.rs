@@ -23,6 +23,9 @@ use crate::balance::{Backend, Pool};
 /// The request body the gateway forwards: the client's, counted.
 pub(crate) type UpBody = Counted<Incoming>;
 
+/// A backend address, and whether its connection presents the gateway's identity.
+type Key = (SocketAddr, bool);
+
 /// A way to send one request to one backend.
 pub(crate) enum Sender {
     /// A shared HTTP/2 connection.
@@ -39,9 +42,10 @@ pub(crate) struct Upstreams {
     h2: std::sync::Mutex<
         HashMap<(SocketAddr, bool), hyper::client::conn::http2::SendRequest<UpBody>>,
     >,
-    /// Held while a connection is being made, so concurrent requests to a backend without
-    /// one wait for it instead of each opening their own.
-    connecting: Mutex<()>,
+    /// Per (backend, kind): held while a connection is being made, so concurrent requests to
+    /// a backend without one wait for it instead of each opening their own, and a backend
+    /// that does not answer holds up only its own requests.
+    connecting: std::sync::Mutex<HashMap<Key, Arc<Mutex<()>>>>,
     /// TLS client configurations by (pool, identity, ALPN), built once.
     configs: std::sync::Mutex<HashMap<(String, bool, bool), Arc<rustls::ClientConfig>>>,
 }
@@ -93,7 +97,12 @@ impl Upstreams {
         if let Some(s) = self.ready_h2(&key) {
             return Ok(Sender::H2(s));
         }
-        let _connecting = self.connecting.lock().await;
+        let gate = self
+            .connecting
+            .lock()
+            .map(|mut m| m.entry(key).or_default().clone())
+            .unwrap_or_default();
+        let _connecting = gate.lock().await;
         // Someone else may have connected while this request waited.
         if let Some(s) = self.ready_h2(&key) {
             return Ok(Sender::H2(s));
@@ -127,10 +136,7 @@ impl Upstreams {
     }
 
     /// The shared h2 connection for `key` when it is up (a closed one is forgotten).
-    fn ready_h2(
-        &self,
-        key: &(SocketAddr, bool),
-    ) -> Option<hyper::client::conn::http2::SendRequest<UpBody>> {
+    fn ready_h2(&self, key: &Key) -> Option<hyper::client::conn::http2::SendRequest<UpBody>> {
         let mut m = self.h2.lock().ok()?;
         match m.get(key) {
             Some(s) if s.is_ready() => Some(s.clone()),
