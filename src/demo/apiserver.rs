@@ -29,27 +29,11 @@ use tokio_util::sync::CancellationToken;
 use super::api::{self, store::Store};
 use crate::tls;
 
+use super::auth::{self, CertAuth};
+pub use super::auth::{FrontProxy, Identity};
+
 /// The response header that names the simulated apiserver which answered.
 pub const SERVED_BY: &str = "x-apilb-apiserver";
-
-/// A Kubernetes identity: what the apiserver's authenticators produce.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Identity {
-    /// The user name (certificate CN, or the token's user).
-    pub user: String,
-    /// The groups (certificate O values, or the token's groups).
-    pub groups: Vec<String>,
-}
-
-impl Identity {
-    /// The identity of a caller with no credentials.
-    pub fn anonymous() -> Self {
-        Self {
-            user: "system:anonymous".into(),
-            groups: vec!["system:unauthenticated".into()],
-        }
-    }
-}
 
 /// What `/whoami` answers.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -130,28 +114,6 @@ struct Shared {
     api: Option<Arc<Store>>,
     /// `--requestheader-client-ca-file` and `--requestheader-allowed-names`.
     front_proxy: Option<(rustls::RootCertStore, Vec<String>)>,
-}
-
-/// What a simulated apiserver trusts as an authenticating front proxy (kube-apiserver's
-/// `--requestheader-*` flags, with kubeadm's header names: `X-Remote-User`,
-/// `X-Remote-Group`, `X-Remote-Extra-`).
-#[derive(Debug, Clone)]
-pub struct FrontProxy {
-    /// The front-proxy CA bundle, PEM.
-    pub ca_pem: String,
-    /// Allowed certificate CNs; empty: any certificate of the CA.
-    pub allowed_names: Vec<String>,
-}
-
-/// How a client's certificate authenticates.
-#[derive(Debug, Clone)]
-enum CertAuth {
-    /// No usable certificate.
-    None,
-    /// A user certificate from the client CA.
-    X509(Identity),
-    /// An allowed front proxy: the user comes from the request headers.
-    FrontProxy,
 }
 
 /// A running simulated apiserver; stops when dropped.
@@ -397,19 +359,7 @@ async fn serve_conn(
         shared.resumed.fetch_add(1, Ordering::Relaxed);
     }
     let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-    let cert_identity = match (leaf, &shared.front_proxy) {
-        (None, _) => CertAuth::None,
-        (Some(c), Some((fp, allowed))) if tls::issued_by_one_of(c.as_ref(), fp) => {
-            // A front-proxy certificate is never an x509 user, allowed or not.
-            match identity_from_cert(c.as_ref()) {
-                Some(id) if allowed.is_empty() || allowed.contains(&id.user) => {
-                    CertAuth::FrontProxy
-                }
-                _ => CertAuth::None,
-            }
-        }
-        (Some(c), _) => identity_from_cert(c.as_ref()).map_or(CertAuth::None, CertAuth::X509),
-    };
+    let cert_identity = auth::cert_auth(leaf.map(|c| c.as_ref()), shared.front_proxy.as_ref());
     let cert_identity = Arc::new(cert_identity);
     let counters = shared.clone();
     let spoke = Arc::new(AtomicBool::new(false));
@@ -429,7 +379,7 @@ async fn serve_conn(
                 .filter(|_| api::serves(req.uri().path()))
             {
                 shared.requests.fetch_add(1, Ordering::Relaxed);
-                match authenticate(&req, &shared, cert) {
+                match auth::authenticate(&req, &shared.tokens, shared.anonymous, cert) {
                     Some((id, by)) => {
                         let caller = (by != "anonymous").then_some(api::Caller {
                             user: &id.user,
@@ -481,12 +431,6 @@ async fn serve_conn(
         counters.connection_errors.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(client = %peer, error = %e, "connection ended with an error");
     }
-}
-
-/// User (CN) and groups (every O) of a client certificate; `None` if it cannot be parsed.
-fn identity_from_cert(der: &[u8]) -> Option<Identity> {
-    let (user, groups) = tls::subject_identity(der)?;
-    Some(Identity { user, groups })
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<RespBody> {
@@ -600,62 +544,14 @@ fn status_error(code: StatusCode, reason: &str, message: &str) -> Response<RespB
     )
 }
 
-/// Who the caller is and how that was decided (`token`, `x509`, `anonymous`); `None` is a 401.
-/// Bearer tokens win over certificates, as in kube-apiserver's union authenticator; a
-/// token that is not on the list is a 401, not a fall-back to anonymous.
-fn authenticate(
-    req: &Request<Incoming>,
-    shared: &Shared,
-    cert: &CertAuth,
-) -> Option<(Identity, &'static str)> {
-    // The request-header authenticator comes first, as in kube-apiserver: an allowed front
-    // proxy's request is the user its headers name; without a user header it is a 401.
-    if let CertAuth::FrontProxy = cert {
-        let h = req.headers();
-        let user = h.get("x-remote-user").and_then(|v| v.to_str().ok())?;
-        let groups = h
-            .get_all("x-remote-group")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::to_string)
-            .collect();
-        return Some((
-            Identity {
-                user: user.to_string(),
-                groups,
-            },
-            "front-proxy",
-        ));
-    }
-    let cert = match cert {
-        CertAuth::X509(id) => Some(id),
-        _ => None,
-    };
-    match req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    {
-        Some(token) => match shared.tokens.iter().find(|(t, _)| t == token.trim()) {
-            Some((_, id)) => Some((id.clone(), "token")),
-            None => None,
-        },
-        None => match cert {
-            Some(id) => Some((id.clone(), "x509")),
-            None if shared.anonymous => Some((Identity::anonymous(), "anonymous")),
-            None => None,
-        },
-    }
-}
-
 fn unauthorized() -> Response<RespBody> {
     status_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
 }
 
 fn route(req: &Request<Incoming>, shared: &Shared, cert: &CertAuth) -> Response<RespBody> {
     shared.requests.fetch_add(1, Ordering::Relaxed);
-    let Some((identity, by)) = authenticate(req, shared, cert) else {
+    let Some((identity, by)) = auth::authenticate(req, &shared.tokens, shared.anonymous, cert)
+    else {
         return unauthorized();
     };
     let query = req.uri().query().unwrap_or("");

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod apiserver;
+mod auth;
 pub mod pki;
 pub mod standalone;
 
