@@ -156,9 +156,9 @@ impl Relays {
 #[derive(Debug)]
 pub(crate) struct ActiveGuard(Arc<Backend>, u64);
 
-/// [`ActiveGuard`]'s relay id while it has none (a sentinel, not an `Option`: every idle
-/// connection pays for the guard's size).
-const UNTRACKED: u64 = u64::MAX;
+// [`ActiveGuard`]'s relay id while it has none: a sentinel, not an `Option`, since every idle
+// connection pays for the guard's size; the relay's own sentinel.
+use crate::relay::UNTRACKED;
 
 impl ActiveGuard {
     /// Marks a new connection to `backend` as active.

@@ -197,7 +197,7 @@ pub(crate) async fn serve(
                 // are not moved.
                 let tracked = match pool.cfg.rebalance {
                     Some(_) => guard.track(),
-                    None => Arc::new(crate::relay::Tracked::new(0)),
+                    None => Arc::new(crate::relay::Tracked::untracked()),
                 };
                 // At most MAX_WIRE bytes: a u32 keeps the relay's task small.
                 Some((stream, guard, tracked, tag, first.len() as u32))

@@ -100,11 +100,6 @@ impl Validator<'_> {
             &format!("listener[{i}].sni_timeout"),
             defaults::SNI_TIMEOUT,
         );
-        if let Some(v) = &l.sni_timeout {
-            if sni_timeout.is_zero() {
-                self.error(v.span(), format!("listener[{i}].sni_timeout"), "expected a time above zero: a ClientHello or PROXY header takes some time to arrive");
-            }
-        }
         let proxy_protocol = l.proxy_protocol.as_ref().is_some_and(|v| *v.get_ref());
         let inspects = proxy_protocol || (mode == Mode::Passthrough && !routes.is_empty());
         if let (Some(v), false) = (&l.sni_timeout, inspects) {

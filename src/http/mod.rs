@@ -17,7 +17,6 @@ pub(crate) mod headers;
 pub(crate) mod upstream;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -316,10 +315,12 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<RespBo
     }
     let (parts, body) = resp.into_parts();
     let idle_for = state.cfg.idle_timeout;
+    let clock = crate::relay::Clock::new();
     let logged = Logged {
         inner: body,
-        idle: tokio::time::sleep(idle_for),
+        idle: clock.first_deadline(idle_for),
         idle_for,
+        clock,
         down: 0,
         end: Some((line, backend_name, status.as_u16(), guard)),
     };
@@ -356,6 +357,9 @@ pin_project_lite::pin_project! {
         #[pin]
         idle: tokio::time::Sleep,
         idle_for: Duration,
+        // The relay's idle clock: a frame stores a timestamp, the timer re-arms only when it
+        // fires (no timer reset per frame).
+        clock: crate::relay::Clock,
         down: u64,
         end: Option<(Line, String, u16, ActiveGuard)>,
     }
@@ -385,11 +389,9 @@ impl Body for Logged {
                 if let Some(d) = f.data_ref() {
                     *this.down += d.len() as u64;
                 }
-                this.idle
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + *this.idle_for);
+                this.clock.stamp(false);
             }
-            Poll::Pending if this.idle.as_mut().poll(cx).is_ready() => {
+            Poll::Pending if this.clock.poll_idle(this.idle.as_mut(), *this.idle_for, cx) => {
                 return Poll::Ready(None);
             }
             _ => {}

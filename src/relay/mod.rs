@@ -17,7 +17,7 @@ mod stream;
 mod tcp;
 
 pub(crate) use buf::ReadAhead;
-pub(crate) use rules::Tracked;
+pub(crate) use rules::{Clock, Tracked, UNTRACKED};
 pub use rules::{drained, Drained};
 pub use stream::relay;
 pub(crate) use tcp::relay_tracked;

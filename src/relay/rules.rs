@@ -91,6 +91,9 @@ fn deadline(from: Instant, idle: Duration) -> Instant {
 
 // === A relay the rebalancer can see and end ===
 
+/// The id of a relay outside every registry.
+pub(crate) const UNTRACKED: u64 = u64::MAX;
+
 /// What the rebalancer (SPEC §11) reads of one passthrough relay, and how it asks the relay
 /// to end: the relay's own idle clock (its start and the client's last activity, stamped
 /// by the reads it does anyway) and a flag with a waker. One allocation per connection,
@@ -133,9 +136,18 @@ impl Tracked {
         self.rebalance.load(Ordering::Acquire) != 0
     }
 
+    /// A relay no rebalancer can see (its pool does not rebalance): never asked, and it
+    /// registers no waker on each poll.
+    pub(crate) fn untracked() -> Self {
+        Self::new(UNTRACKED)
+    }
+
     /// Whether the rebalancer asked the relay to end; registers the relay's task, so that
     /// the request wakes it.
     pub(crate) fn asked(&self, cx: &Context<'_>) -> bool {
+        if self.id == UNTRACKED {
+            return false;
+        }
         self.task.register(cx.waker());
         self.rebalance.load(Ordering::Acquire) == 1
     }

@@ -52,7 +52,7 @@ pub fn relay_tcp<D: Future<Output = ()>>(
         idle,
         splice,
         drain,
-        Arc::new(Tracked::new(0)),
+        Arc::new(Tracked::untracked()),
     )
 }
 
