@@ -17,8 +17,8 @@ mod stream;
 mod tcp;
 
 pub(crate) use buf::ReadAhead;
-pub(crate) use rules::{Clock, Tracked, UNTRACKED};
 pub use rules::{drained, Drained};
+pub(crate) use rules::{Clock, Tracked, UNTRACKED};
 pub use stream::relay;
 pub(crate) use tcp::relay_tracked;
 pub use tcp::{relay_tcp, RelayTcp};
