@@ -121,8 +121,12 @@ METRICS = {
     "cpu_tls_hs_us_per_hs": ("us/handshake", "lower", "proxy CPU per full TLS handshake"),
     "cpu_tls_bulk_ms_per_gb": ("ms/GB", "lower", "proxy CPU per GB of the TLS download"),
 }
-SCALING_METRICS = ("tp8_gbit_s", "rps_req_s", "cps_conn_s", "tls_hs_s")
-LOADS = ("idle", "tp", "rps", "cps", "tls", "scaling")  # --measure's names
+SCALING_METRICS = ("tp8_gbit_s", "rps_req_s", "cps_conn_s", "tls_hs_s", "cpu_rps_us_per_req",
+                   "cpu_cps_us_per_conn")
+LOADS = ("idle", "tp", "rps", "cps", "tls", "scaling", "tail", "syscalls")  # --measure's names
+# The loads `tail` and `syscalls` run once per proxy (not per run, and not for the baseline).
+TAIL_TARGETS = ("apilb", "haproxy", "nginx")
+SYSCALL_TARGETS = ("apilb", "haproxy", "nginx")
 
 
 # === Processes ===
@@ -483,6 +487,145 @@ def cpu_seconds(pid):
     return total
 
 
+# wrk's `done` hook: the percentiles --latency leaves out, in microseconds, on one line.
+TAIL_LUA = """
+done = function(summary, latency, requests)
+  io.write(string.format("TAIL p99=%d p999=%d max=%d requests=%d errors=%d\\n",
+    latency:percentile(99), latency:percentile(99.9), latency.max, summary.requests,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status
+    + summary.errors.timeout))
+end
+"""
+
+
+def tail(port, runs, secs, tmp):
+    """`runs` keep-alive loads of `secs` s (wrk -t2 -c64) against one running proxy: each
+    run's p99, p99.9 and maximum latency in ms, and the worst of each over the runs."""
+    script = write(tmp, "tail.lua", TAIL_LUA)
+    each = []
+    for _ in range(runs):
+        cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t2", "-c64", f"-d{secs}s", "-s", script,
+               f"http://127.0.0.1:{port}/"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
+        m = re.search(r"TAIL p99=(\d+) p999=(\d+) max=(\d+) requests=(\d+) errors=(\d+)", out.stdout)
+        if not m:
+            raise RuntimeError(f"wrk (tail) against port {port}: no result (status {out.returncode}): "
+                               f"{(out.stdout + out.stderr).strip()[-500:]}")
+        p99, p999, mx, n, errors = (int(x) for x in m.groups())
+        if errors:
+            raise RuntimeError(f"wrk (tail) against port {port}: {errors} errors in {n} requests")
+        each.append({"p99_ms": p99 / 1e3, "p999_ms": p999 / 1e3, "max_ms": mx / 1e3, "req_s": n / secs})
+    return {
+        "runs": each,
+        "worst_p99_ms": max(r["p99_ms"] for r in each),
+        "median_p99_ms": sorted(r["p99_ms"] for r in each)[len(each) // 2],
+        "worst_p999_ms": max(r["p999_ms"] for r in each),
+        "worst_max_ms": max(r["max_ms"] for r in each),
+    }
+
+
+def family(pid):
+    """Every thread of `pid` and of its descendants (nginx's workers are children)."""
+    tids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids += [int(t) for t in os.listdir(f"/proc/{p}/task")]
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return tids
+
+
+def close_requests(port, n, workers=8, keepalive=False):
+    """`n` requests for the 100-byte body from `workers` threads: each on a connection of its
+    own with `Connection: close` (the server closes, then the client), or, with `keepalive`,
+    over one connection per thread. Fails unless every answer is a 200."""
+    import threading
+    errors = []
+    req_close = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    req_ka = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def close_loop(count):
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(req_close)
+                got = b""
+                while True:
+                    b = s.recv(4096)
+                    if not b:
+                        break
+                    got += b
+                if not got.startswith(b"HTTP/1.1 200"):
+                    errors.append(got[:80])
+
+    def ka_loop(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            for _ in range(count):
+                s.sendall(req_ka)
+                got = b""
+                while not (got.endswith(BODY.encode()) and b"\r\n\r\n" in got):
+                    b = s.recv(4096)
+                    if not b:
+                        errors.append(b"closed early")
+                        return
+                    got += b
+                if not got.startswith(b"HTTP/1.1 200"):
+                    errors.append(got[:80])
+
+    loop = ka_loop if keepalive else close_loop
+    threads = [threading.Thread(target=loop, args=(n // workers + (i < n % workers),)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} requests through port {port} failed: {errors[:3]}")
+
+
+def strace_counts(path):
+    """strace -c's table: syscall name -> calls."""
+    calls = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            # "% time seconds usecs/call calls [errors] syscall"
+            if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                try:
+                    calls[parts[-1]] = int(parts[3])
+                except ValueError:
+                    pass
+    return calls
+
+
+def count_syscalls(pid, port, n, tmp, name, keepalive):
+    """The proxy's system calls per request over `n` requests (strace -c attached to every
+    thread of it): with `Connection: close`, so per new connection, or over keep-alive
+    connections. strace slows the proxy down: these are counts, not speeds."""
+    out = os.path.join(tmp, f"strace-{name}-{'ka' if keepalive else 'close'}.txt")
+    cmd = ["strace", "-c", "-f", "-q", "-o", out]
+    for tid in family(pid):
+        cmd += ["-p", str(tid)]
+    st = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started.append(st)
+    try:
+        time.sleep(1.0)  # strace attaches to each thread in turn
+        if keepalive:
+            # The connections are opened outside the count's window only roughly: 8 of n.
+            close_requests(port, n, keepalive=True)
+        else:
+            close_requests(port, n)
+        time.sleep(0.5)
+    finally:
+        st.send_signal(signal.SIGINT)
+        st.wait(timeout=30)
+    calls = strace_counts(out)
+    if not calls:
+        raise RuntimeError(f"strace attached to {name} counted nothing: {st.stderr.read()[-500:]!r}")
+    return {k: v / n for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}
+
+
 def show(r):
     return {k: round(v, 4) for k, v in r.items() if v is not None}
 
@@ -528,6 +671,37 @@ def measure(label, ports, pid, args):
     return r
 
 
+def measure_extras(args, ports, backend):
+    """The loads that run once per proxy, on one start of it: `tail` (many keep-alive runs)
+    and `syscalls` (strace's counts per new connection and per keep-alive request)."""
+    out = {"tail": {}, "syscalls": {}}
+    if not args.want & {"tail", "syscalls"}:
+        return out
+    for t in TARGETS:
+        if t.key not in TAIL_TARGETS + SYSCALL_TARGETS or (args.only and args.only != t.key):
+            continue
+        listen = ports.take(t.key)
+        p = start_proxy(args, t, listen, backend)
+        try:
+            if "tail" in args.want and t.key in TAIL_TARGETS:
+                out["tail"][t.key] = tail(listen["http"], args.tail_runs, args.secs, args.tmp)
+                print(f"  {t.label} tail: {show({k: v for k, v in out['tail'][t.key].items() if k != 'runs'})}",
+                      file=sys.stderr, flush=True)
+            if "syscalls" in args.want and t.key in SYSCALL_TARGETS:
+                out["syscalls"][t.key] = {
+                    "per_connection": count_syscalls(p.pid, listen["http"], args.syscall_requests, args.tmp,
+                                                     t.key, keepalive=False),
+                    "per_request": count_syscalls(p.pid, listen["http"], args.syscall_requests, args.tmp,
+                                                  t.key, keepalive=True),
+                }
+                print(f"  {t.label} syscalls per connection: "
+                      f"{sum(out['syscalls'][t.key]['per_connection'].values()):.1f}, per keep-alive request: "
+                      f"{sum(out['syscalls'][t.key]['per_request'].values()):.2f}", file=sys.stderr, flush=True)
+        finally:
+            stop(p)
+    return out
+
+
 def median_runs(fn, runs):
     """`runs` runs of `fn`: {"runs": each run's figures, "median": each figure's median}."""
     results = [fn() for _ in range(runs)]
@@ -544,13 +718,20 @@ def measure_scaling(args, listen, backend):
     out = {}
     for threads in (1, 2):
         p = start_proxy(args, SCALING, listen, backend, threads=threads, cpu="0,1")
+
+        def cpu_per(load):
+            """(rate, proxy CPU us per unit of work) of one wrk load."""
+            c0, t0 = cpu_seconds(p.pid), time.time()
+            rate = load()[0]
+            return rate, (cpu_seconds(p.pid) - c0) / (rate * (time.time() - t0)) * 1e6 if rate else None
         try:
-            out[threads] = {
-                "tp8_gbit_s": iperf(listen["throughput"], 8, args.secs, cpu="0,1"),
-                "rps_req_s": wrk(listen["http"], args.secs, close=False, cpu="0,1")[0],
-                "cps_conn_s": wrk(listen["http"], args.secs, close=True, cpu="0,1")[0],
-                "tls_hs_s": wrk(listen["tls"], args.secs, close=True, scheme="https", cpu="0,1")[0],
-            }
+            r = {"tp8_gbit_s": iperf(listen["throughput"], 8, args.secs, cpu="0,1")}
+            r["rps_req_s"], r["cpu_rps_us_per_req"] = cpu_per(
+                lambda: wrk(listen["http"], args.secs, close=False, cpu="0,1"))
+            r["cps_conn_s"], r["cpu_cps_us_per_conn"] = cpu_per(
+                lambda: wrk(listen["http"], args.secs, close=True, cpu="0,1"))
+            r["tls_hs_s"] = wrk(listen["tls"], args.secs, close=True, scheme="https", cpu="0,1")[0]
+            out[threads] = r
             print(f"  apilb --threads {threads}, unpinned: {show(out[threads])}", file=sys.stderr, flush=True)
         finally:
             stop(p)
@@ -580,6 +761,7 @@ def collect(results, scaling, args, ports):
         "settings": {
             "quick": args.quick, "runs": args.runs, "secs": args.secs, "idle_connections": args.idle,
             "measure": sorted(args.want), "only": args.only, "proxy_cpu": PROXY_CPU, "load_cpu": LOAD_CPU,
+            "tail_runs": args.tail_runs, "syscall_requests": args.syscall_requests,
             "binary": os.path.abspath(args.binary), "binary_sha256": args.binary_sha256,
         },
         "metrics": {k: {"unit": u, "better": b, "what": w} for k, (u, b, w) in METRICS.items()},
@@ -626,6 +808,8 @@ SCALING_COLUMNS = (
     ("rps_req_s", "keep-alive req/s", None, 0),
     ("cps_conn_s", "new conn/s", None, 0),
     ("tls_hs_s", "full TLS handshakes/s", None, 0),
+    ("cpu_rps_us_per_req", "us CPU per keep-alive request", None, 1),
+    ("cpu_cps_us_per_conn", "us CPU per new connection", None, 1),
 )
 
 
@@ -687,6 +871,39 @@ def render(data):
         if show_vs:
             out += [""] + ratios("apilb's CPU vs", CPU_COLUMNS, [(t.vs_label, r) for t, r in others if t.proxy])
 
+    labels = {t.key: t.label for t in TARGETS}
+    tl = data.get("tail") or {}
+    if tl:
+        n = len(next(iter(tl.values()))["runs"])
+        out += [f"\nTail: {n} keep-alive runs of {s['secs']}s per proxy (wrk -t2 -c64, pinned as above), one "
+                "start of each proxy; percentiles from wrk's latency histogram.\n"]
+        cols = (("median_p99_ms", "median p99 ms"), ("worst_p99_ms", "worst p99 ms"),
+                ("worst_p999_ms", "worst p99.9 ms"), ("worst_max_ms", "worst max ms"))
+        out += table(["target"] + [c[1] for c in cols],
+                     [[labels[k]] + [fmt(r[c[0]], 2) for c in cols] for k, r in tl.items()])
+        if "apilb" in tl:
+            out += [""] + table(["apilb vs"] + [c[1] for c in cols],
+                                [[labels[k]] + [fmt_ratio(ratio(tl["apilb"], r, c[0])) for c in cols]
+                                 for k, r in tl.items() if k != "apilb"])
+    sy = data.get("syscalls") or {}
+    if sy:
+        out += [f"\nSystem calls of the proxy (strace -c on every thread) per new connection ({s['syscall_requests']:,} "
+                "requests with `Connection: close`) and per keep-alive request (the same number over 8 connections); "
+                "strace slows the proxy, so these are counts, not speeds.\n"]
+        keys = list(sy)
+        names = sorted({c for r in sy.values() for c in r["per_connection"]} |
+                       {c for r in sy.values() for c in r["per_request"]},
+                       key=lambda c: -max(r["per_connection"].get(c, 0) for r in sy.values()))
+        head = ["system call"] + [f"{labels[k]} per conn" for k in keys] + [f"{labels[k]} per req" for k in keys]
+        rows = []
+        for c in names:
+            vals = [sy[k]["per_connection"].get(c, 0) for k in keys] + [sy[k]["per_request"].get(c, 0) for k in keys]
+            if max(vals) >= 0.05:
+                rows.append([c] + [fmt(v, 2) if v else "-" for v in vals])
+        rows.append(["**total**"] + [f"**{sum(sy[k]['per_connection'].values()):.1f}**" for k in keys]
+                    + [f"**{sum(sy[k]['per_request'].values()):.2f}**" for k in keys])
+        out += table(head, rows)
+
     sc = data["scaling"]
     if sc:
         out += [f"\nScaling: apilb `--threads 1` and `--threads 2`, nothing pinned (proxy, loads and backends "
@@ -714,6 +931,8 @@ def main():
                                                    "to FILE as JSON")
     args = ap.parse_args()
     args.secs = 1 if args.quick else 5
+    args.tail_runs = 2 if args.quick else 10
+    args.syscall_requests = 500 if args.quick else 10000
     args.idle = args.idle or (500 if args.quick else 9500)
     if args.quick:
         args.runs = 1
@@ -722,7 +941,10 @@ def main():
     args.want = set(filter(None, args.measure.split(",")))
     if args.want - set(LOADS):
         ap.error(f"--measure: unknown {', '.join(sorted(args.want - set(LOADS)))} (known: {', '.join(LOADS)})")
-    for tool in ("haproxy", "nginx", "iperf3", "wrk", "taskset", "openssl", "curl"):
+    tools = ["haproxy", "nginx", "iperf3", "wrk", "taskset", "openssl", "curl"]
+    if "syscalls" in args.want:
+        tools.append("strace")
+    for tool in tools:
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: run benches/compare.sh, which installs it")
     if not os.access(args.binary, os.X_OK):
@@ -736,6 +958,7 @@ def main():
     ports = Ports(["backend"] + [t.key for t in TARGETS if t.proxy] + [SCALING.key])
     results = {}
     scaling = None
+    extras = {"tail": {}, "syscalls": {}}
     try:
         args.pki = make_pki(tmp)
         backend = ports.take("backend")
@@ -756,6 +979,7 @@ def main():
                 finally:
                     stop(p)
             results[t.key] = median_runs(one_run, args.runs)
+        extras = measure_extras(args, ports, backend)
         if "scaling" in args.want:
             scaling = measure_scaling(args, ports.take(SCALING.key), backend)
     finally:
@@ -763,6 +987,7 @@ def main():
         ports.close()
         shutil.rmtree(tmp, ignore_errors=True)
     data = collect(results, scaling, args, ports)
+    data["tail"], data["syscalls"] = extras["tail"], extras["syscalls"]
     print(render(data))
     if args.json:
         with open(args.json, "w") as f:
