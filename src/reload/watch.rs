@@ -1,6 +1,7 @@
 //! Reloading on file changes: polls the config file and every file it names, so atomic
 //! renames and editors that replace files are seen (no inotify: it misses a file replaced by
-//! a rename of its directory, which is how Kubernetes mounts secrets).
+//! a rename of its directory, which is how Kubernetes mounts secrets). The polls run on the
+//! blocking pool, off the workers that carry connections.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,14 +48,27 @@ fn tried(before: &Fingerprint, paths: &[PathBuf]) -> Fingerprint {
 pub(crate) async fn watch_files(reloader: Reloader, stop: CancellationToken) {
     const POLL: Duration = Duration::from_millis(500);
     let mut paths = reloader.watched_files().await;
-    let mut applied = fingerprint(&paths);
+    let mut applied = {
+        let paths = paths.clone();
+        tokio::task::spawn_blocking(move || fingerprint(&paths))
+            .await
+            .unwrap_or_default()
+    };
     let mut pending: Option<Fingerprint> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(POLL) => {}
         }
-        let now = fingerprint(&paths);
+        // stat(2) can hang on a network file system or a stuck secret mount: never on a
+        // worker that carries connections.
+        let now = {
+            let paths = paths.clone();
+            match tokio::task::spawn_blocking(move || fingerprint(&paths)).await {
+                Ok(f) => f,
+                Err(_) => continue,
+            }
+        };
         if now == applied {
             pending = None;
             continue;
@@ -69,7 +83,11 @@ pub(crate) async fn watch_files(reloader: Reloader, stop: CancellationToken) {
         // Whatever the outcome, the files as they were before the reload were tried: taking
         // their state after it would swallow a change written while it ran.
         paths = reloader.watched_files().await;
-        applied = tried(&now, &paths);
+        let (now, again) = (now, paths.clone());
+        // Unknown (the pool failed): the next poll sees a difference and reloads once more.
+        applied = tokio::task::spawn_blocking(move || tried(&now, &again))
+            .await
+            .unwrap_or_default();
         pending = None;
     }
 }
