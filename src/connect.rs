@@ -145,9 +145,7 @@ where
         // Counted as active from the pick on, so concurrent picks by least-conn see it.
         let guard = ActiveGuard::new(backend.clone());
         let attempt = async {
-            let sock = crate::net::backend_socket(backend.addr).map_err(|e| socket_error(&e))?;
-            let tcp = sock
-                .connect(backend.addr)
+            let tcp = crate::net::connect(backend.addr)
                 .await
                 .map_err(|e| socket_error(&e))?;
             finish(backend.clone(), tcp).await

@@ -4,13 +4,15 @@
 //! With `proxy_protocol` the header is read first and its address is the client's from then
 //! on. With routes, the ClientHello is read ([`crate::sni`]) within `sni_timeout`, the
 //! route picks the pool, and the bytes read go to the backend first, untouched, before the
-//! relay (and splice) take over.
+//! relay (and splice) take over. Without routes, the client's first bytes are read the same
+//! way (one read, which the relay would otherwise do) and go ahead of the relay too.
 //! `serve` runs in its own task with the listener's snapshot of accept time: it connects
 //! ([`crate::connect`], which picks and retries), relays bytes both ways with
 //! [`crate::relay::relay_tcp`] until both directions are done, and writes one log line with
 //! the close reason. No backend is contacted before the client's first bytes arrive
 //! (`first_byte_timeout`). The client socket inherited NODELAY, keepalive and TCP_USER_TIMEOUT
-//! from the listening socket ([`crate::net::bind`]): no syscalls for them per connection.
+//! from the listening socket ([`crate::net::bind`]): no syscalls for them per connection; the
+//! backend socket gets keepalive from the relay, once the connection has lived a few seconds.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,35 +22,48 @@ use tokio::net::TcpStream;
 
 use crate::close::End;
 use crate::connect::{connect, ConnectError};
+use crate::relay::buf::read_draining;
 use crate::relay::{drained, relay_tracked};
 use crate::snapshot::ListenerSnapshot;
 use crate::sni::{Hello, HelloReader};
 
 /// How the wait for a client's first bytes ended (SPEC §3, Silent clients).
 enum FirstBytes {
-    /// Bytes are there: connect.
-    Arrived,
+    /// These bytes arrived: they go to the backend ahead of the relay (empty when there is
+    /// no wait).
+    Arrived(Vec<u8>),
     /// Nothing within `first_byte_timeout`.
     Silent,
     /// The client closed (or reset) without sending a byte.
     Closed,
 }
 
-/// Waits until the client has sent something, without reading it, so that no backend
-/// connection is opened for a client that never speaks. Zero `timeout`: no wait.
+/// The most of the client's first bytes read before connecting; the rest waits in the
+/// socket for the relay. Enough for a ClientHello or a request head.
+const FIRST_READ: usize = 4096;
+
+/// Waits until the client has sent something, so that no backend connection is opened for
+/// a client that never speaks, and reads it: the read the relay would do first, done now
+/// (peeking and then reading cost a system call more). Zero `timeout`: no wait.
 async fn first_bytes(client: &TcpStream, timeout: Duration) -> FirstBytes {
     if timeout.is_zero() {
-        return FirstBytes::Arrived;
+        return FirstBytes::Arrived(Vec::new());
     }
-    let peeked = tokio::time::timeout(timeout, async {
-        let mut b = [0u8; 1];
-        client.peek(&mut b).await
-    })
-    .await;
-    match peeked {
-        Err(_) => FirstBytes::Silent,
-        Ok(Ok(0) | Err(_)) => FirstBytes::Closed,
-        Ok(Ok(_)) => FirstBytes::Arrived,
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, client.readable()).await {
+            Err(_) => return FirstBytes::Silent,
+            Ok(Err(_)) => return FirstBytes::Closed,
+            Ok(Ok(())) => {}
+        }
+        let mut scratch = [0u8; FIRST_READ];
+        match read_draining(client, &mut scratch) {
+            Ok(0) => return FirstBytes::Closed,
+            Ok(n) => return FirstBytes::Arrived(scratch[..n].to_vec()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return FirstBytes::Closed,
+        }
     }
 }
 
@@ -93,7 +108,7 @@ async fn read_hello(
         // promising 16 KiB must not make it allocate 16 KiB).
         let mut scratch = [0u8; 4096];
         let want = r.want().min(scratch.len());
-        match client.try_read(&mut scratch[..want]) {
+        match read_draining(client, &mut scratch[..want]) {
             Ok(0) => return Inspected::Closed,
             Ok(n) => {
                 r.push(&scratch[..n]);
@@ -129,8 +144,8 @@ pub(crate) async fn serve(
                 // Shutdown's deadline (or a second signal) ends the wait too.
                 () = state.drain.cancelled() => FirstBytes::Closed,
             };
-            match waited {
-                FirstBytes::Arrived => {}
+            let first = match waited {
+                FirstBytes::Arrived(first) => first,
                 FirstBytes::Silent => {
                     state.log_silent(client_addr, started);
                     return None;
@@ -140,9 +155,9 @@ pub(crate) async fn serve(
                     tracing::debug!(listener = %state.cfg.name, client = %client_addr, "client closed before sending anything");
                     return None;
                 }
-            }
+            };
             let (pool, tag) = state.route(None)?;
-            (pool, tag, Vec::new())
+            (pool, tag, first)
         } else {
             let fbt = state.cfg.first_byte_timeout;
             let silent_at = (!fbt.is_zero()).then(|| tokio::time::Instant::now() + fbt);

@@ -309,6 +309,8 @@ async fn backend_tls(
     let Some(pool_tls) = pool.cfg.tls.as_ref() else {
         return Err(AttemptError::Local("pool has no [pool.tls]".into()));
     };
+    // A TLS connection already costs a handshake; keepalive from the start is noise beside it.
+    crate::net::keep_alive(socket2::SockRef::from(&tcp), "backend");
     let mut config = (*pool_tls.client).clone();
     config.alpn_protocols = alpn.to_vec();
     config.resumption = rustls::client::Resumption::store(pool.sessions.for_backend(backend.addr));

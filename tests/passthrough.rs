@@ -672,3 +672,83 @@ async fn hurrying_ends_clients_that_have_not_spoken() {
         0
     );
 }
+
+/// The kernel's timer for each established IPv4 TCP socket of this process's network
+/// namespace, from /proc/net/tcp: (local, remote, timer), timer 2 being keepalive's.
+fn tcp_timers() -> Vec<(SocketAddr, SocketAddr, u32)> {
+    fn addr(hex: &str) -> Option<SocketAddr> {
+        let (ip, port) = hex.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        // The kernel prints the address in host byte order (little-endian here).
+        Some(SocketAddr::from((ip.to_le_bytes(), port)))
+    }
+    let text = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // st 01 is ESTABLISHED; "tr:when" is the timer.
+            if f.len() < 6 || f[3] != "01" {
+                return None;
+            }
+            let tr = f[5].split(':').next()?.parse().ok()?;
+            Some((addr(f[1])?, addr(f[2])?, tr))
+        })
+        .collect()
+}
+
+/// SPEC §3: keepalive and TCP_USER_TIMEOUT on both sockets of a connection that lives; the
+/// backend socket gets them once the connection has lived a few seconds (short connections
+/// do not pay for them), the client socket from the listening socket at accept. Seen from the
+/// kernel's side: the keepalive timer of each socket in /proc/net/tcp.
+#[tokio::test]
+async fn a_long_lived_connection_has_keepalive_on_both_sockets() {
+    let echo = EchoServer::start().await;
+    let gw = gateway(&simple_config(&[echo.addr], "", "")).await;
+    let mut s = TcpStream::connect(gw.addr()).await.expect("connect");
+    let started = Instant::now();
+    s.write_all(b"x").await.expect("write");
+    let mut b = [0u8; 1];
+    within(10, "echo", s.read_exact(&mut b))
+        .await
+        .expect("read");
+    let client_side = s.local_addr().expect("addr");
+    let backend_timers = || -> Vec<u32> {
+        tcp_timers()
+            .into_iter()
+            .filter(|(_, remote, _)| *remote == echo.addr)
+            .map(|(_, _, tr)| tr)
+            .collect()
+    };
+    let ours = tcp_timers()
+        .into_iter()
+        .find(|(_, remote, _)| *remote == client_side)
+        .expect("the gateway's client socket");
+    assert_eq!(
+        ours.2, 2,
+        "the client socket has no keepalive timer: {ours:?}"
+    );
+    let early = backend_timers();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "too slow to look before the deferral"
+    );
+    assert!(!early.is_empty(), "no backend socket found");
+    assert!(
+        early.iter().all(|&tr| tr != 2),
+        "keepalive on the backend socket before the connection lived a few seconds: {early:?}"
+    );
+    eventually(10, "keepalive on the backend socket", || {
+        backend_timers().contains(&2)
+    })
+    .await;
+    // The connection goes on as before.
+    s.write_all(b"y").await.expect("write");
+    within(10, "echo", s.read_exact(&mut b))
+        .await
+        .expect("read");
+    assert_eq!(&b, b"y");
+    drop(s);
+    gw.shutdown().await;
+}

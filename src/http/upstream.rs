@@ -177,11 +177,11 @@ async fn connect(
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let name = pool.server_name(backend);
     let attempt = async {
-        let sock = crate::net::backend_socket(backend.addr).map_err(|e| e.to_string())?;
-        let tcp = sock
-            .connect(backend.addr)
+        let tcp = crate::net::connect(backend.addr)
             .await
             .map_err(|e| e.to_string())?;
+        // Shared and long-lived: keepalive from the start.
+        crate::net::keep_alive(socket2::SockRef::from(&tcp), "backend");
         tokio_rustls::TlsConnector::from(config)
             .connect(name.clone(), tcp)
             .await

@@ -59,6 +59,11 @@ impl Clock {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
+    /// `after` past the start, as a deadline to reset a timer to.
+    pub(crate) fn after_start(&self, after: Duration) -> Instant {
+        deadline(self.start, after)
+    }
+
     /// The first idle deadline: `idle` after the start.
     pub(crate) fn first_deadline(&self, idle: Duration) -> tokio::time::Sleep {
         tokio::time::sleep_until(deadline(self.start, idle))

@@ -3,7 +3,8 @@
 //! Its state is most of what an idle connection costs, so it is a struct rather than nested
 //! futures (whose arguments and locals the compiler would both keep), and a test guards its
 //! size. Each direction copies small reads through a pooled buffer and switches to splice(2)
-//! through a pooled pipe once a read fills the buffer; a short splice switches it back.
+//! through a pooled pipe once a read fills the buffer; a short splice switches it back. The
+//! backend socket gets keepalive from here, once the connection has lived a few seconds.
 
 use std::future::Future;
 use std::io;
@@ -74,9 +75,13 @@ pub(crate) fn relay_tracked<D: Future<Output = ()>>(
         backend,
         up: Flow::new(splice),
         down: Flow::new(splice),
-        idle_sleep: tracked.clock.first_deadline(idle),
+        // The one timer serves both: first for the backend's keepalive, then for idleness.
+        idle_sleep: tracked
+            .clock
+            .first_deadline(idle.min(crate::net::KEEP_ALIVE_AFTER)),
         tracked,
         closing: false,
+        keep_alive_due: true,
         ends: Ends::default(),
         idle,
         drain: Watched::new(drain),
@@ -137,6 +142,9 @@ pin_project_lite::pin_project! {
         tracked: Arc<Tracked>,
         // Ended by the rebalancer: FIN sent both ways, waiting for the peers' own.
         closing: bool,
+        // The backend socket has no keepalive yet: it gets it once the connection has lived
+        // `net::KEEP_ALIVE_AFTER` (SPEC §3), so short connections never pay for it.
+        keep_alive_due: bool,
         ends: Ends,
         idle: Duration,
         #[pin]
@@ -185,6 +193,15 @@ impl<D: Future<Output = ()>> Future for RelayTcp<D> {
                     Poll::Ready(Err(e)) => break 'end (End::Error, Some(e)),
                     Poll::Pending => {}
                 }
+            }
+            if *this.keep_alive_due && this.idle_sleep.as_mut().poll(cx).is_ready() {
+                *this.keep_alive_due = false;
+                crate::net::keep_alive(socket2::SockRef::from(&*this.backend), "backend");
+                // The timer fired for the keepalive; idleness is measured as ever, and a
+                // relay already idle for `idle` ends just below.
+                this.idle_sleep
+                    .as_mut()
+                    .reset(this.tracked.clock.after_start(*this.idle));
             }
             if this
                 .tracked
@@ -250,7 +267,23 @@ struct Flow {
     splice: bool,
     /// Moving bulk bytes: splice instead of copying.
     bulk: bool,
+    /// What is held is the last the peer sends: its FIN is in already (see [`peer_finished`]).
+    fin_follows: bool,
     bytes: u64,
+}
+
+/// After a short read: whether the peer's FIN has arrived already, so its EOF is all that is
+/// left. Read off the readiness tokio keeps (a short read cleared "readable"; "read closed"
+/// stays once the kernel reported the peer's shutdown), without a system call. The closing
+/// bytes then go out with the FIN in one segment, as HAProxy sends them: a packet less per
+/// connection through both kernels.
+fn peer_finished(from: &TcpStream, cx: &mut Context<'_>) -> bool {
+    if from.poll_read_ready(cx).is_pending() {
+        return false;
+    }
+    // Ready again at once: either the FIN, or bytes that arrived since the read.
+    let ready = std::pin::pin!(from.ready(Interest::READABLE));
+    matches!(ready.poll(cx), Poll::Ready(Ok(r)) if r.is_read_closed())
 }
 
 /// A splice that moves less than this switches its direction back to copying: small
@@ -266,6 +299,7 @@ impl Flow {
             held: Held::Nothing,
             splice,
             bulk: false,
+            fin_follows: false,
             bytes: 0,
         }
     }
@@ -322,6 +356,7 @@ impl Flow {
                 Ok(got) => {
                     clock.stamp(up);
                     self.bulk = self.splice && got == buf.len();
+                    self.fin_follows = got < buf.len() && peer_finished(from, cx);
                     self.held = Held::Buf {
                         buf,
                         off: 0,
@@ -330,6 +365,10 @@ impl Flow {
                 }
                 Err(e) => {
                     BufPool::put(buf);
+                    if std::mem::take(&mut self.fin_follows) {
+                        // Corked bytes and, against the rule, no EOF: send them now.
+                        let _ = socket2::SockRef::from(to).set_tcp_nodelay(true);
+                    }
                     if !retry(&e) {
                         return Poll::Ready(Err(e));
                     }
@@ -345,6 +384,7 @@ impl Flow {
             bytes,
             splice,
             bulk,
+            fin_follows,
         } = &mut *self;
         match held {
             Held::Nothing => return Poll::Ready(Ok(())),
@@ -385,7 +425,21 @@ impl Flow {
             Held::Buf { buf, off, len } => {
                 while *off < *len {
                     ready!(to.poll_write_ready(cx))?;
-                    match to.try_write(&buf[*off..*len]) {
+                    let sent = if *fin_follows {
+                        // The peer's last bytes: held back (MSG_MORE) for the FIN that
+                        // follows them at once, so both leave in one segment, not two.
+                        to.try_io(Interest::WRITABLE, || {
+                            rustix::net::send(
+                                to,
+                                &buf[*off..*len],
+                                rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
+                            )
+                            .map_err(io::Error::from)
+                        })
+                    } else {
+                        to.try_write(&buf[*off..*len])
+                    };
+                    match sent {
                         Ok(k) => {
                             *off += k;
                             *bytes += k as u64;
@@ -608,6 +662,69 @@ mod tests {
             assert_eq!(r.up, 2 << 20);
             assert!(!crate::relay::splice::usable(), "the worker still splices");
         }
+    }
+
+    /// SPEC §3: the backend socket gets keepalive and TCP_USER_TIMEOUT once the connection
+    /// has lived `KEEP_ALIVE_AFTER`, not before (short connections do not pay for them), and
+    /// the relay goes on relaying.
+    #[tokio::test(start_paused = true)]
+    async fn the_backend_socket_gets_keepalive_once_the_connection_has_lived() {
+        let (mut client, gw_client) = pair().await;
+        let (gw_backend, mut backend) = pair().await;
+        // A second descriptor of the gateway's backend socket, to read its options while the
+        // relay owns it.
+        let std = gw_backend.into_std().expect("into_std");
+        let view = std.try_clone().expect("dup");
+        let gw_backend = TcpStream::from_std(std).expect("from_std");
+        let sock = socket2::SockRef::from(&view);
+        assert!(!sock.keepalive().expect("keepalive"));
+        let (t1, t2) = (
+            tokio_util::sync::CancellationToken::new(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let (l, b) = (t1.clone(), t2.clone());
+        let relay = tokio::spawn(async move {
+            super::relay_tcp(
+                gw_client,
+                gw_backend,
+                Duration::from_secs(3600),
+                true,
+                drained(&l, &b),
+            )
+            .await
+        });
+        tokio::time::sleep(crate::net::KEEP_ALIVE_AFTER - Duration::from_millis(500)).await;
+        assert!(
+            !sock.keepalive().expect("keepalive"),
+            "keepalive set before the connection lived KEEP_ALIVE_AFTER"
+        );
+        assert_eq!(sock.tcp_user_timeout().expect("user timeout"), None);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            sock.keepalive().expect("keepalive"),
+            "no keepalive after the deferral"
+        );
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("idle"),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            sock.tcp_keepalive_interval().expect("interval"),
+            Duration::from_secs(10)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().expect("retries"), 3);
+        assert_eq!(
+            sock.tcp_user_timeout().expect("user timeout"),
+            Some(Duration::from_secs(60))
+        );
+        client.write_all(b"still relaying").await.expect("write");
+        let mut got = [0u8; 14];
+        backend.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"still relaying");
+        assert!(!relay.is_finished());
+        t1.cancel();
+        let r = relay.await.expect("relay");
+        assert_eq!(r.end, End::Drained);
     }
 
     /// An idle proxied connection costs its task, and the task is mostly this future.
