@@ -727,6 +727,60 @@ mod tests {
         assert_eq!(r.end, End::Drained);
     }
 
+    /// A peer's last bytes, with its FIN already in when the relay reads them (they go out
+    /// corked for the FIN) or arriving later, reach the other side in full, followed by EOF,
+    /// whether or not the other direction ended first.
+    #[tokio::test]
+    async fn a_peers_last_bytes_and_its_fin_arrive_however_they_came() {
+        for fin_with_bytes in [true, false] {
+            for client_done_first in [false, true] {
+                let (mut client, gw_client) = pair().await;
+                let (gw_backend, mut backend) = pair().await;
+                if client_done_first {
+                    client.shutdown().await.expect("client half-close");
+                }
+                backend.write_all(b"last words").await.expect("write");
+                if fin_with_bytes {
+                    backend.shutdown().await.expect("backend half-close");
+                    // Both are in the gateway's socket before the relay first reads.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let relay = tokio::spawn(super::relay_tcp(
+                    gw_client,
+                    gw_backend,
+                    Duration::from_secs(30),
+                    true,
+                    std::future::pending::<()>(),
+                ));
+                if !fin_with_bytes {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backend.shutdown().await.expect("backend half-close");
+                }
+                let mut got = Vec::new();
+                tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
+                    .await
+                    .expect("EOF in time")
+                    .expect("read");
+                assert_eq!(got, b"last words", "fin_with_bytes {fin_with_bytes}");
+                if !client_done_first {
+                    client.shutdown().await.expect("client half-close");
+                }
+                let mut rest = Vec::new();
+                tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut rest))
+                    .await
+                    .expect("backend EOF in time")
+                    .expect("read");
+                assert!(rest.is_empty());
+                let r = tokio::time::timeout(Duration::from_secs(5), relay)
+                    .await
+                    .expect("relay ends")
+                    .expect("relay task");
+                assert_eq!((r.up, r.down), (0, 10));
+                assert!(r.error.is_none(), "{:?}", r.error);
+            }
+        }
+    }
+
     /// An idle proxied connection costs its task, and the task is mostly this future.
     #[tokio::test]
     async fn an_idle_relay_stays_within_its_budget() {
