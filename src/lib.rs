@@ -65,7 +65,7 @@ pub mod tls;
 
 pub use close::{End, Relayed};
 pub use gateway::{BoundListener, Gateway, GatewayError, GatewayOptions, Handle};
-pub use metrics::Metrics;
+pub use metrics::{count_log_drops, Metrics};
 pub use phase::{Phase, ShutdownReport};
 pub use reload::{ReloadError, ReloadSummary, Reloader};
 pub use runtime::StartError;

@@ -277,7 +277,7 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log_level);
+    let _log = init_logging(cli.log_format, &cli.log_level);
     match cli.command {
         Command::Check {
             config,
@@ -581,19 +581,34 @@ fn log_directives(level: &str) -> String {
     }
 }
 
-fn init_logging(format: LogFormat, level: &str) {
+/// Log lines queued for the writer thread before new ones are dropped (and counted in
+/// `apilb_log_lines_dropped_total`): minutes of access lines at a busy gateway's rate.
+const LOG_QUEUE: usize = 64 * 1024;
+
+/// Installs the log: lines are formatted where they happen and written to stderr by a thread
+/// of its own, so a slow stderr (a journald that falls behind, a full pipe) can drop lines but
+/// never stalls a worker that carries connections. The guard flushes what is queued when it
+/// is dropped, at the end of `main`.
+fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(log_directives(level)).unwrap_or_else(|e| {
         eprintln!("apilb: invalid --log-level {level:?} ({e}); using info");
         EnvFilter::new("info")
     });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE)
+        .thread_name("apilb-log")
+        .finish(std::io::stderr());
+    apilb::count_log_drops(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }

@@ -67,6 +67,20 @@ pub(crate) const BACKEND_CERT_EXPIRY: &str = "apilb_backend_certificate_expiry_t
 /// `apilb_ready`: 1 when `/readyz` would answer 200, set when `/metrics` is encoded (what an
 /// alert on "not ready" reads).
 pub(crate) const READY: &str = "apilb_ready";
+/// `apilb_log_lines_dropped_total`: log lines dropped because stderr did not keep up (the
+/// log is written by a thread of its own through a bounded queue; a full queue drops lines
+/// rather than stall a worker).
+pub(crate) const LOG_LINES_DROPPED: &str = "apilb_log_lines_dropped_total";
+
+/// The log writer's count of dropped lines, set once by the binary that installs it.
+static LOG_DROPS: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Tells every [`Metrics`] where the log writer counts the lines it dropped.
+pub fn count_log_drops(counter: tracing_appender::non_blocking::ErrorCounter) {
+    let _ = LOG_DROPS.set(counter);
+}
+
 /// `apilb_pool_fail_open_total{pool}`
 pub(crate) const POOL_FAIL_OPEN: &str = "apilb_pool_fail_open_total";
 /// `apilb_pool_connection_skew{pool}`: the largest backend's open connections over its fair
@@ -117,6 +131,7 @@ pub struct Metrics {
     certificate_expiry: IntGaugeVec,
     config_info: IntGaugeVec,
     ready: IntGauge,
+    log_dropped: IntCounter,
     listener_closed: IntCounterVec,
     pool_skew: GaugeVec,
     pool_rebalanced: IntCounterVec,
@@ -330,6 +345,16 @@ impl Metrics {
                 "1 for the content hash of the running configuration (changes on each applied reload).",
                 &["hash"],
             ),
+            log_dropped: {
+                let c = IntCounter::new(
+                    LOG_LINES_DROPPED,
+                    "Log lines dropped because stderr did not keep up.",
+                )
+                .expect("metric names are static and valid");
+                r.register(Box::new(c.clone()))
+                    .expect("each metric is registered once");
+                c
+            },
             ready: {
                 let g = IntGauge::new(READY, "1 when /readyz answers 200 (every listener's pool has a healthy backend and the gateway is not shutting down), else 0.")
                     .expect("metric names are static and valid");
@@ -384,6 +409,13 @@ impl Metrics {
 
     /// Everything in Prometheus text format.
     pub fn encode(&self) -> String {
+        if let Some(c) = LOG_DROPS.get() {
+            let dropped = c.dropped_lines() as u64;
+            let seen = self.log_dropped.get();
+            if dropped > seen {
+                self.log_dropped.inc_by(dropped - seen);
+            }
+        }
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);

@@ -1036,3 +1036,73 @@ fn demo_apiserver_serves_each_address_with_a_shared_pki() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&busy.to_string()), "{err}");
 }
+
+/// The log is written off the workers: with stderr a pipe nobody reads (a journald that fell
+/// behind), a busy gateway keeps proxying instead of blocking on write(2) once the pipe's
+/// 64 KiB are full. 2,000 access lines are ten times what the pipe holds.
+#[tokio::test]
+async fn a_stalled_stderr_does_not_stall_the_gateway() {
+    let echo = EchoServer::start().await;
+    let (_dir, path) = write_temp("apilb.toml", &simple_config(&[echo.addr], "", ""));
+    let mut child = KillOnDrop(
+        Command::new(bin())
+            .args(["run", "--log-format", "json", "--threads", "1", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn apilb run"),
+    );
+    let mut stderr = BufReader::new(child.0.stderr.take().expect("stderr"));
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if stderr.read_line(&mut line).expect("read stderr") == 0 {
+                panic!("apilb exited before listening");
+            }
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "listening" {
+                let addr: SocketAddr = v["addrs"]
+                    .as_str()
+                    .expect("addrs")
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .next()
+                    .expect("an address")
+                    .trim()
+                    .parse()
+                    .expect("addr");
+                // From here on nobody reads the pipe.
+                return (addr, stderr);
+            }
+        }
+    });
+    let (addr, stalled) = within(20, "listening", addr).await.expect("join");
+    within(120, "2,000 connections with stderr stalled", async {
+        for _ in 0..2000 {
+            drop(echo_once(addr).await);
+        }
+    })
+    .await;
+    // Still alive, and it ends normally once someone reads again.
+    assert!(child.0.try_wait().expect("try_wait").is_none());
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stalled }, &mut rest);
+        rest.lines()
+            .filter(|l| l.contains("\"message\":\"connection closed\""))
+            .count()
+    });
+    signal(child.0.id(), "TERM");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child.0, 30))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    let logged = drain.join().expect("drain");
+    // Every line was queued (the queue holds far more than 2,000), none dropped.
+    assert_eq!(logged, 2000, "access lines after the stall");
+}
