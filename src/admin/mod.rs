@@ -40,6 +40,8 @@ const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 /// How long one encoding of `/metrics` is served again: scrapes from several Prometheus
 /// servers (or a flood of requests) cost one encoding a second, not one each.
 const METRICS_CACHE: Duration = Duration::from_secs(1);
+/// `/metrics`'s content type (Prometheus text format 0.0.4).
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Everything the admin server reads.
 #[derive(Debug, Clone)]
@@ -48,7 +50,7 @@ pub(crate) struct Admin {
     pub metrics: Arc<Metrics>,
     pub phase: watch::Receiver<Phase>,
     /// The last `/metrics` text and when it was encoded.
-    pub encoded: Arc<std::sync::Mutex<Option<(tokio::time::Instant, Bytes)>>>,
+    pub encoded: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Bytes)>>>,
 }
 
 impl Admin {
@@ -65,23 +67,27 @@ impl Admin {
         }
     }
 
-    /// The metrics text, encoded at most once per [`METRICS_CACHE`].
-    fn metrics_text(&self) -> Bytes {
-        let mut cached = self
-            .encoded
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// The metrics text, encoded at most once per [`METRICS_CACHE`]. The encoding (every
+    /// family, a few hundred series) runs on the blocking pool, and a request that finds
+    /// another encoding under way waits for it without holding a worker.
+    async fn metrics_text(&self) -> Bytes {
+        let mut cached = self.encoded.lock().await;
         let now = tokio::time::Instant::now();
-        match &*cached {
-            Some((at, text)) if now.duration_since(*at) < METRICS_CACHE => text.clone(),
-            _ => {
-                let ready = not_ready(&self.view.load(), *self.phase.borrow()).is_none();
-                self.metrics.set_ready(ready);
-                let text = Bytes::from(self.metrics.encode());
-                *cached = Some((now, text.clone()));
-                text
+        if let Some((at, text)) = &*cached {
+            if now.duration_since(*at) < METRICS_CACHE {
+                return text.clone();
             }
         }
+        let ready = not_ready(&self.view.load(), *self.phase.borrow()).is_none();
+        self.metrics.set_ready(ready);
+        let metrics = self.metrics.clone();
+        let text = match tokio::task::spawn_blocking(move || metrics.encode()).await {
+            Ok(t) => Bytes::from(t),
+            // The pool is shutting down: nothing to scrape any more.
+            Err(_) => return Bytes::new(),
+        };
+        *cached = Some((now, text.clone()));
+        text
     }
 }
 
@@ -117,7 +123,19 @@ pub(crate) async fn serve(listener: TcpListener, admin: Admin, stop: Cancellatio
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&req, &admin)) }
+                async move {
+                    if req.uri().path() == "/metrics"
+                        && matches!(*req.method(), Method::GET | Method::HEAD)
+                    {
+                        let body = admin.metrics_text().await;
+                        return Ok::<_, Infallible>(respond_bytes(
+                            StatusCode::OK,
+                            METRICS_TYPE,
+                            body,
+                        ));
+                    }
+                    Ok(route(&req, &admin))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -160,11 +178,6 @@ fn route(req: &Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
     }
     let text = "text/plain; charset=utf-8";
     match req.uri().path() {
-        "/metrics" => respond_bytes(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            admin.metrics_text(),
-        ),
         "/healthz" => respond(StatusCode::OK, text, "ok\n".into()),
         "/readyz" => match not_ready(&admin.view.load(), *admin.phase.borrow()) {
             None => respond(StatusCode::OK, text, "ok\n".into()),
