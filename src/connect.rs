@@ -136,7 +136,8 @@ where
     Fut: std::future::Future<Output = Result<T, AttemptError>>,
 {
     let attempts = pool.cfg.connect_attempts.get() as usize;
-    let mut tried: Vec<usize> = Vec::new();
+    // Inline for the usual few attempts: no allocation per connection.
+    let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
     let mut last_error = None;
     while tried.len() < attempts {
         let Some(i) = pool.pick(&tried) else { break };

@@ -14,11 +14,15 @@
 //! from the listening socket ([`crate::net::bind`]): no syscalls for them per connection; the
 //! backend socket gets keepalive from the relay, once the connection has lived a few seconds.
 
+use std::future::Future;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::close::End;
 use crate::connect::{connect, ConnectError};
@@ -45,26 +49,41 @@ const FIRST_READ: usize = 4096;
 /// Waits until the client has sent something, so that no backend connection is opened for
 /// a client that never speaks, and reads it: the read the relay would do first, done now
 /// (peeking and then reading cost a system call more). Zero `timeout`: no wait.
-async fn first_bytes(client: &TcpStream, timeout: Duration) -> FirstBytes {
+async fn first_bytes(
+    client: &TcpStream,
+    timeout: Duration,
+    drain: &CancellationToken,
+) -> FirstBytes {
     if timeout.is_zero() {
         return FirstBytes::Arrived(Vec::new());
     }
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match tokio::time::timeout_at(deadline, client.readable()).await {
-            Err(_) => return FirstBytes::Silent,
-            Ok(Err(_)) => return FirstBytes::Closed,
-            Ok(Ok(())) => {}
+    // Shutdown's deadline (or a second signal) ends the wait too.
+    let mut drained = std::pin::pin!(drain.cancelled());
+    // A poll function over the socket's own readiness and one timer, not `timeout(readable())`:
+    // this state is what every connection that has not spoken yet costs, and tokio's
+    // readiness future is twice the size of the rest.
+    let mut silent = std::pin::pin!(tokio::time::sleep(timeout));
+    std::future::poll_fn(|cx| loop {
+        match client.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Poll::Ready(FirstBytes::Closed),
+            Poll::Pending => {
+                if drained.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(FirstBytes::Closed);
+                }
+                return silent.as_mut().poll(cx).map(|()| FirstBytes::Silent);
+            }
         }
         let mut scratch = [0u8; FIRST_READ];
         match read_draining(client, &mut scratch) {
-            Ok(0) => return FirstBytes::Closed,
-            Ok(n) => return FirstBytes::Arrived(scratch[..n].to_vec()),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return FirstBytes::Closed,
+            Ok(0) => return Poll::Ready(FirstBytes::Closed),
+            Ok(n) => return Poll::Ready(FirstBytes::Arrived(scratch[..n].to_vec())),
+            // The readiness was stale: tokio forgot it, and the next poll waits for more.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(_) => return Poll::Ready(FirstBytes::Closed),
         }
-    }
+    })
+    .await
 }
 
 /// How reading the ClientHello of a routed connection ended.
@@ -119,6 +138,79 @@ async fn read_hello(
     }
 }
 
+/// What a client said first: its first bytes, or (on a listener with routes) its
+/// ClientHello, or what it sent instead of one.
+enum Spoke {
+    Bytes(Vec<u8>),
+    Hello(HelloReader),
+}
+
+/// Waits until the client has spoken: the first bytes (within `first_byte_timeout`), or on a
+/// listener with routes the whole ClientHello (within `sni_timeout` of the accept, a PROXY
+/// header included). A client that stays silent, closes or times out is logged and counted
+/// here; `None` then.
+async fn spoken(
+    client: &TcpStream,
+    state: &ListenerSnapshot,
+    client_addr: SocketAddr,
+    started: Instant,
+) -> Option<Spoke> {
+    if state.routes.is_empty() {
+        let waited = first_bytes(client, state.cfg.first_byte_timeout, &state.drain).await;
+        return said(waited, state, client_addr, started);
+    }
+    let fbt = state.cfg.first_byte_timeout;
+    let silent_at = (!fbt.is_zero()).then(|| tokio::time::Instant::now() + fbt);
+    // From the accept, not from now: the wait behind a PROXY header is not a second one.
+    let sni_at = tokio::time::Instant::from_std(started) + state.cfg.sni_timeout;
+    let inspected = tokio::select! {
+        i = read_hello(client, silent_at, sni_at) => i,
+        () = state.drain.cancelled() => Inspected::Closed,
+    };
+    match inspected {
+        Inspected::Read(h) => Some(Spoke::Hello(h)),
+        Inspected::Silent => {
+            state.log_silent(client_addr, started);
+            None
+        }
+        Inspected::Closed => {
+            tracing::debug!(listener = %state.cfg.name, client = %client_addr, "client closed before its ClientHello was whole");
+            None
+        }
+        Inspected::TimedOut => {
+            state.log_rejected(
+                client_addr,
+                started,
+                End::SniTimeout,
+                "ClientHello incomplete at sni_timeout",
+            );
+            None
+        }
+    }
+}
+
+/// What the wait for a client's first bytes comes to: the bytes, or nothing after the
+/// silent client was logged (or the closed one noted).
+fn said(
+    waited: FirstBytes,
+    state: &ListenerSnapshot,
+    client_addr: SocketAddr,
+    started: Instant,
+) -> Option<Spoke> {
+    match waited {
+        FirstBytes::Arrived(first) => Some(Spoke::Bytes(first)),
+        FirstBytes::Silent => {
+            state.log_silent(client_addr, started);
+            None
+        }
+        FirstBytes::Closed => {
+            // A port probe (keepalived, a scanner): nothing to proxy, nothing to log.
+            tracing::debug!(listener = %state.cfg.name, client = %client_addr, "client closed before sending anything");
+            None
+        }
+    }
+}
+
 /// Serves one accepted passthrough connection to completion.
 pub(crate) async fn serve(
     client: TcpStream,
@@ -126,73 +218,60 @@ pub(crate) async fn serve(
     state: Arc<ListenerSnapshot>,
 ) {
     let started = Instant::now();
-    // Everything before the relay (the PROXY header, the wait for the first bytes or the
-    // ClientHello, connecting, logging a failure) runs in this box, which is freed once
-    // connected: a task is as large as its largest state for its whole life, and only the
-    // relay's state should stay.
+    // A client that has not spoken yet (an idle one, every silent one) costs its task alone:
+    // without a PROXY header to read first, the wait for its first bytes runs here, in a
+    // state smaller than the relay's (so the task does not grow), and the box below is made
+    // only once they are in.
+    let early = if state.cfg.proxy_protocol {
+        None
+    } else {
+        let spoke = if state.routes.is_empty() {
+            let waited = first_bytes(&client, state.cfg.first_byte_timeout, &state.drain).await;
+            said(waited, &state, client_addr, started)
+        } else {
+            // Boxed: the hello reader's state is larger than the relay's. Only routed
+            // listeners pay for it, while the hello comes in.
+            Box::pin(spoken(&client, &state, client_addr, started)).await
+        };
+        let Some(spoke) = spoke else { return };
+        Some(spoke)
+    };
+    // Everything else before the relay (the PROXY header and the wait behind it, connecting,
+    // logging a failure) runs in this box, which is freed once connected: a task is as large
+    // as its largest state for its whole life, and only the relay's state should stay.
     // The PROXY header's address replaces the socket's in place: one address for the
     // connection's whole life, not two.
     let connected = Box::pin(async {
-        let sni_at = tokio::time::Instant::now() + state.cfg.sni_timeout;
-        client_addr = tokio::select! {
-            c = state.proxied_client(&client, client_addr, started) => c?,
-            () = state.drain.cancelled() => return None,
+        let spoke = match early {
+            Some(spoke) => spoke,
+            None => {
+                client_addr = tokio::select! {
+                    c = state.proxied_client(&client, client_addr, started) => c?,
+                    () = state.drain.cancelled() => return None,
+                };
+                spoken(&client, &state, client_addr, started).await?
+            }
         };
-        let (pool, tag, first) = if state.routes.is_empty() {
-            let waited = tokio::select! {
-                w = first_bytes(&client, state.cfg.first_byte_timeout) => w,
-                // Shutdown's deadline (or a second signal) ends the wait too.
-                () = state.drain.cancelled() => FirstBytes::Closed,
-            };
-            let first = match waited {
-                FirstBytes::Arrived(first) => first,
-                FirstBytes::Silent => {
-                    state.log_silent(client_addr, started);
-                    return None;
-                }
-                FirstBytes::Closed => {
-                    // A port probe (keepalived, a scanner): nothing to proxy, nothing to log.
-                    tracing::debug!(listener = %state.cfg.name, client = %client_addr, "client closed before sending anything");
-                    return None;
-                }
-            };
-            let (pool, tag) = state.route(None)?;
-            (pool, tag, first)
-        } else {
-            let fbt = state.cfg.first_byte_timeout;
-            let silent_at = (!fbt.is_zero()).then(|| tokio::time::Instant::now() + fbt);
-            let inspected = tokio::select! {
-                i = read_hello(&client, silent_at, sni_at) => i,
-                () = state.drain.cancelled() => Inspected::Closed,
-            };
-            let hello = match inspected {
-                Inspected::Read(h) => h,
-                Inspected::Silent => {
-                    state.log_silent(client_addr, started);
-                    return None;
-                }
-                Inspected::Closed => {
-                    tracing::debug!(listener = %state.cfg.name, client = %client_addr, "client closed before its ClientHello was whole");
-                    return None;
-                }
-                Inspected::TimedOut => {
-                    state.log_rejected(client_addr, started, End::SniTimeout, "ClientHello incomplete at sni_timeout");
-                    return None;
-                }
-            };
-            let answer = hello.answer();
-            let sni = answer.and_then(Hello::sni);
-            if let Some(Hello::Malformed(why)) = answer {
-                tracing::debug!(listener = %state.cfg.name, client = %client_addr, error = why, "malformed ClientHello: routed as without a server name");
+        let (pool, tag, first) = match spoke {
+            Spoke::Bytes(first) => {
+                let (pool, tag) = state.route(None)?;
+                (pool, tag, first)
             }
-            let Some((pool, tag)) = state.route(sni) else {
-                state.log_rejected(client_addr, started, End::NoRoute, "no route for the server name and no default pool");
-                return None;
-            };
-            if let Some(Hello::Tls { alpn, .. }) = answer {
-                tracing::debug!(listener = %state.cfg.name, client = %client_addr, sni = sni.unwrap_or("-"), alpn = ?alpn, route = state.route_name(tag), "routed");
+            Spoke::Hello(hello) => {
+                let answer = hello.answer();
+                let sni = answer.and_then(Hello::sni);
+                if let Some(Hello::Malformed(why)) = answer {
+                    tracing::debug!(listener = %state.cfg.name, client = %client_addr, error = why, "malformed ClientHello: routed as without a server name");
+                }
+                let Some((pool, tag)) = state.route(sni) else {
+                    state.log_rejected(client_addr, started, End::NoRoute, "no route for the server name and no default pool");
+                    return None;
+                };
+                if let Some(Hello::Tls { alpn, .. }) = answer {
+                    tracing::debug!(listener = %state.cfg.name, client = %client_addr, sni = sni.unwrap_or("-"), alpn = ?alpn, route = state.route_name(tag), "routed");
+                }
+                (pool, tag, hello.into_bytes())
             }
-            (pool, tag, hello.into_bytes())
         };
         let preamble = crate::connect::preamble(pool, &client, client_addr, &first);
         let r = tokio::select! {
