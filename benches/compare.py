@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: apilb, HAProxy (mode tcp, with and without splice) and the nginx
 stream module, on loopback, in one run, with ratios: passthrough (throughput, request rates,
-idle memory), a terminating TLS listener (full handshakes per second, bulk throughput), and
-apilb's scaling from one worker thread to two.
+idle memory), a terminating TLS listener (full handshakes per second, bulk throughput),
+apilb's scaling from one worker thread to two, the keep-alive tail over ten runs per proxy,
+and each proxy's system calls per new connection and per request (strace).
 
 Layout on this 2-core machine: the proxy runs alone on CPU 0 with one worker thread; the load
 generators (iperf3, wrk, the idle-connection client) and the backends (iperf3 server, an nginx
@@ -16,7 +17,7 @@ lists what is measured (the no-proxy baseline and the proxies). Ports are free l
 the kernel hands out at start (see `Ports`). Measurements are numbers (METRICS names them and
 their units); the tables are rendered from that data at the end, and `--json FILE` writes it.
 
-    python3 benches/compare.py                    # full run (a few minutes)
+    python3 benches/compare.py                    # full run (about 20 minutes)
     python3 benches/compare.py --quick            # smoke run (about a minute; figures not meaningful)
     python3 benches/compare.py --json out.json    # also write every run's figures and the ratios
 
@@ -930,7 +931,9 @@ def main():
     ap.add_argument("--idle", type=int, help="idle connections for the memory figure (default 9500; --quick: 500)")
     ap.add_argument("--measure", default=",".join(LOADS),
                     help="comma-separated subset of: idle, tp (iperf3), rps (keep-alive), cps (new connections), "
-                         "tls (terminating listener: handshakes and bulk), scaling (apilb, 1 vs 2 threads)")
+                         "tls (terminating listener: handshakes and bulk), scaling (apilb, 1 vs 2 threads), "
+                         "tail (ten keep-alive runs per proxy: worst p99, p99.9, max), "
+                         "syscalls (strace -c: system calls per new connection and per request)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures of every run, the medians and the ratios "
                                                    "to FILE as JSON")
     args = ap.parse_args()

@@ -28,7 +28,10 @@
 //! spawned onto the accepting worker, from where idle workers steal them. Relay buffers and
 //! splice pipes come from per-worker pools (no lock), and per-connection counters are plain
 //! fields summed into the shared metrics once, at close. Health checks, reloads and the admin
-//! server are ordinary tasks on the same workers.
+//! server are ordinary tasks on the same workers; what can block (reading and resolving the
+//! config, polling its files, encoding `/metrics`) runs on the blocking pool, and the log is
+//! written by a thread of its own. docs/architecture.md says why this model and not one
+//! runtime per core.
 //!
 //! `demo` holds the throwaway PKI and the simulated kube-apiserver used by `apilb demo`,
 //! the tests and the benchmarks.
