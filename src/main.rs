@@ -272,6 +272,16 @@ fn load(args: LoadArgs) -> ExitCode {
     }
 }
 
+/// mimalloc instead of glibc's malloc. The identity mode allocates per request (hyper's
+/// request and response on both sides, the h2 stream), and tokio's tasks and I/O
+/// registrations are cache-line aligned, which glibc serves from its slow `memalign` path:
+/// with mimalloc the identity mode spends 14% less CPU per request (`benches/identity.py`,
+/// 27.4 to 23.4 us) and an idle proxied connection 0.2 KiB less memory; passthrough, which
+/// allocates nothing per read, is unchanged (docs/performance.md). Without transparent huge
+/// pages (`no_thp`): with them the soak's RSS went from 35 to 61 MiB, without 19 to 27.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 
