@@ -287,8 +287,28 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log = init_logging(cli.log_format, &cli.log_level);
-    match cli.command {
+    // The commands that serve connections log from a thread of their own; the short ones
+    // (check, probe, load's summary...) write directly, so nothing of theirs is queued when
+    // they exit and nothing can be dropped.
+    let serving = matches!(
+        cli.command,
+        Command::Run { .. } | Command::Demo { .. } | Command::DemoApiserver { .. }
+    );
+    let log = init_logging(cli.log_format, &cli.log_level, serving);
+    let code = run_command(cli.command);
+    if let Some((guard, dropped)) = log {
+        // Flushes what is queued (tracing-appender waits up to a second for it).
+        drop(guard);
+        let n = dropped.dropped_lines();
+        if n > 0 {
+            eprintln!("apilb: {n} log lines were dropped because stderr did not keep up");
+        }
+    }
+    code
+}
+
+fn run_command(command: Command) -> ExitCode {
+    match command {
         Command::Check {
             config,
             allow_expired,
@@ -595,22 +615,37 @@ fn log_directives(level: &str) -> String {
 /// `apilb_log_lines_dropped_total`): minutes of access lines at a busy gateway's rate.
 const LOG_QUEUE: usize = 64 * 1024;
 
-/// Installs the log: lines are formatted where they happen and written to stderr by a thread
-/// of its own, so a slow stderr (a journald that falls behind, a full pipe) can drop lines but
-/// never stalls a worker that carries connections. The guard flushes what is queued when it
-/// is dropped, at the end of `main`.
-fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+/// The background log writer's guard (dropping it flushes the queue) and its count of
+/// dropped lines.
+type BackgroundLog = (
+    tracing_appender::non_blocking::WorkerGuard,
+    tracing_appender::non_blocking::ErrorCounter,
+);
+
+/// Installs the log. For the commands that serve connections (`background`), lines are
+/// formatted where they happen and written to stderr by a thread of its own, so a slow
+/// stderr (a journald that falls behind, a full pipe) can drop lines (counted) but never
+/// stalls a worker that carries connections; the queue holds 65,536 lines, some 20 MiB at
+/// most. Other commands write to stderr directly.
+fn init_logging(format: LogFormat, level: &str, background: bool) -> Option<BackgroundLog> {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(log_directives(level)).unwrap_or_else(|e| {
         eprintln!("apilb: invalid --log-level {level:?} ({e}); using info");
         EnvFilter::new("info")
     });
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_QUEUE)
-        .thread_name("apilb-log")
-        .finish(std::io::stderr());
-    apilb::count_log_drops(writer.error_counter());
+    let (writer, log) = if background {
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(LOG_QUEUE)
+            .thread_name("apilb-log")
+            .finish(std::io::stderr());
+        let dropped = writer.error_counter();
+        apilb::count_log_drops(dropped.clone());
+        (BoxMakeWriter::new(writer), Some((guard, dropped)))
+    } else {
+        (BoxMakeWriter::new(std::io::stderr), None)
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -620,5 +655,5 @@ fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blockin
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    guard
+    log
 }

@@ -70,24 +70,26 @@ impl Admin {
     /// The metrics text, encoded at most once per [`METRICS_CACHE`]. The encoding (every
     /// family, a few hundred series) runs on the blocking pool, and a request that finds
     /// another encoding under way waits for it without holding a worker.
-    async fn metrics_text(&self) -> Bytes {
+    async fn metrics_text(&self) -> Option<Bytes> {
         let mut cached = self.encoded.lock().await;
         let now = tokio::time::Instant::now();
         if let Some((at, text)) = &*cached {
             if now.duration_since(*at) < METRICS_CACHE {
-                return text.clone();
+                return Some(text.clone());
             }
         }
         let ready = not_ready(&self.view.load(), *self.phase.borrow()).is_none();
         self.metrics.set_ready(ready);
         let metrics = self.metrics.clone();
-        let text = match tokio::task::spawn_blocking(move || metrics.encode()).await {
-            Ok(t) => Bytes::from(t),
-            // The pool is shutting down: nothing to scrape any more.
-            Err(_) => return Bytes::new(),
-        };
+        // A failed encoding (the pool shutting down) is no scrape: an empty 200 would look
+        // like a gateway with every series gone.
+        let text = Bytes::from(
+            tokio::task::spawn_blocking(move || metrics.encode())
+                .await
+                .ok()?,
+        );
         *cached = Some((now, text.clone()));
-        text
+        Some(text)
     }
 }
 
@@ -127,12 +129,14 @@ pub(crate) async fn serve(listener: TcpListener, admin: Admin, stop: Cancellatio
                     if req.uri().path() == "/metrics"
                         && matches!(*req.method(), Method::GET | Method::HEAD)
                     {
-                        let body = admin.metrics_text().await;
-                        return Ok::<_, Infallible>(respond_bytes(
-                            StatusCode::OK,
-                            METRICS_TYPE,
-                            body,
-                        ));
+                        return Ok::<_, Infallible>(match admin.metrics_text().await {
+                            Some(body) => respond_bytes(StatusCode::OK, METRICS_TYPE, body),
+                            None => respond(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "text/plain; charset=utf-8",
+                                "metrics could not be encoded (shutting down?)\n".into(),
+                            ),
+                        });
                     }
                     Ok(route(&req, &admin))
                 }
