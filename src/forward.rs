@@ -159,6 +159,18 @@ async fn spoken(
         let waited = first_bytes(client, state.cfg.first_byte_timeout, &state.drain).await;
         return said(waited, state, client_addr, started);
     }
+    // Boxed: the hello reader's state is larger than the relay's, and this wait may run in
+    // the connection's task. Only routed listeners pay for it, while the hello comes in.
+    Box::pin(hello(client, state, client_addr, started)).await
+}
+
+/// [`spoken`] on a listener with routes: the ClientHello.
+async fn hello(
+    client: &TcpStream,
+    state: &ListenerSnapshot,
+    client_addr: SocketAddr,
+    started: Instant,
+) -> Option<Spoke> {
     let fbt = state.cfg.first_byte_timeout;
     let silent_at = (!fbt.is_zero()).then(|| tokio::time::Instant::now() + fbt);
     // From the accept, not from now: the wait behind a PROXY header is not a second one.
@@ -225,15 +237,9 @@ pub(crate) async fn serve(
     let early = if state.cfg.proxy_protocol {
         None
     } else {
-        let spoke = if state.routes.is_empty() {
-            let waited = first_bytes(&client, state.cfg.first_byte_timeout, &state.drain).await;
-            said(waited, &state, client_addr, started)
-        } else {
-            // Boxed: the hello reader's state is larger than the relay's. Only routed
-            // listeners pay for it, while the hello comes in.
-            Box::pin(spoken(&client, &state, client_addr, started)).await
+        let Some(spoke) = spoken(&client, &state, client_addr, started).await else {
+            return;
         };
-        let Some(spoke) = spoke else { return };
         Some(spoke)
     };
     // Everything else before the relay (the PROXY header and the wait behind it, connecting,

@@ -83,6 +83,19 @@ fn check_on_a_missing_file_exits_2() {
     assert!(err.contains("cannot read config file"), "{err}");
 }
 
+/// The first listening address of a JSON "listening" log line; `None` for any other line.
+fn listening(line: &serde_json::Value) -> Option<SocketAddr> {
+    if line["message"] != "listening" {
+        return None;
+    }
+    let addrs = line["addrs"].as_str().expect("addrs field");
+    let first = addrs
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .next();
+    Some(first.expect("an address").trim().parse().expect("addr"))
+}
+
 /// Starts `apilb run` with JSON logs; returns the child, the first listener address, and a
 /// channel of the remaining stderr lines.
 // The child is returned to the caller, which waits for it with `wait_exit`.
@@ -126,18 +139,7 @@ fn run_gateway(
             early.push(line);
             continue;
         };
-        if v["message"] == "listening" {
-            let addrs = v["addrs"]
-                .as_str()
-                .expect("addrs field")
-                .trim_matches(|c| c == '[' || c == ']');
-            let addr = addrs
-                .split(',')
-                .next()
-                .expect("an address")
-                .trim()
-                .parse()
-                .expect("addr");
+        if let Some(addr) = listening(&v) {
             return (child, addr, rx, early);
         }
         early.push(line);
@@ -1065,17 +1067,7 @@ async fn a_stalled_stderr_does_not_stall_the_gateway() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
-            if v["message"] == "listening" {
-                let addr: SocketAddr = v["addrs"]
-                    .as_str()
-                    .expect("addrs")
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .split(',')
-                    .next()
-                    .expect("an address")
-                    .trim()
-                    .parse()
-                    .expect("addr");
+            if let Some(addr) = listening(&v) {
                 // From here on nobody reads the pipe.
                 return (addr, stderr);
             }
